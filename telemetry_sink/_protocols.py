@@ -1,0 +1,23 @@
+"""The interfaces that both `_speedups` implementations (compiled and twin) satisfy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class TokenBucketProtocol(Protocol):
+    rate: float
+    capacity: float
+    tokens: float
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None: ...
+    def refill(self, now: float) -> None: ...
+    def try_acquire(self, n: float, now: float) -> bool: ...
+    def time_until_available(self, n: float, now: float) -> float: ...
+    def reserve(self, n: float, now: float, max_wait: float) -> float: ...
+
+
+class BatchFramerProtocol(Protocol):
+    def __init__(self, signing_key: bytes, encryption_key: bytes) -> None: ...
+    def frame(self, first_seq: int, created_ms: int, records: Sequence[bytes]) -> bytes: ...

@@ -1,0 +1,135 @@
+"""BufferManager: the bounded in-memory queue between request handlers and the writer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+
+
+class BufferFull(Exception):
+    """The records would push the buffer past `max_records` or `max_bytes`."""
+
+    retry_after_header = "1"
+
+
+class BufferClosed(Exception):
+    """The buffer no longer accepts records (the server is shutting down)."""
+
+
+class BufferManager:
+    """Holds accepted plaintext records until the writer has stored them.
+
+    Bounded by `max_records` and `max_bytes`, counting records queued and records the
+    writer has taken but not yet stored, so memory stays bounded even while the disk is
+    slow. A put is all or nothing. Callers may ask for an ack future that resolves once
+    the writer reports every one of their records stored.
+    """
+
+    def __init__(self, max_records: int, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.records = 0  # queued + in flight
+        self.bytes = 0
+        self.closed = False
+        self._clock = clock
+        self._queue: deque[bytes] = deque()
+        # (position after the request's last record, arrival time), oldest first, for the
+        # records still queued: the head's time is when the oldest waiting record arrived.
+        self._arrivals: deque[tuple[int, float]] = deque()
+        self._acks: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._enqueued = 0  # records ever put: positions run from 0
+        self._taken = 0  # records ever handed to the writer
+        self._stored = 0  # records ever reported stored
+        self._wakeup = asyncio.Event()
+        self._batch_size = 1
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for the writer (not yet taken)."""
+        return len(self._queue)
+
+    def put(self, records: list[bytes], nbytes: int, want_ack: bool = False) -> asyncio.Future[None] | None:
+        """Queue `records` (whose lengths sum to `nbytes`) or raise BufferFull/BufferClosed."""
+        if self.closed:
+            raise BufferClosed
+        if self.records + len(records) > self.max_records or self.bytes + nbytes > self.max_bytes:
+            raise BufferFull
+        was_empty = not self._queue
+        self._queue.extend(records)
+        self.records += len(records)
+        self.bytes += nbytes
+        self._enqueued += len(records)
+        self._arrivals.append((self._enqueued, self._clock()))
+        ack: asyncio.Future[None] | None = None
+        if want_ack:
+            ack = asyncio.get_running_loop().create_future()
+            self._acks.append((self._enqueued, ack))
+        if was_empty or len(self._queue) >= self._batch_size:
+            self._wakeup.set()
+        return ack
+
+    async def next_batch(self, batch_size: int, linger_s: float) -> list[bytes]:
+        """Wait until `batch_size` records are queued, or the oldest has waited `linger_s`,
+        or the buffer is closed, then take up to `batch_size` records. [] means closed and empty.
+        """
+        self._batch_size = batch_size
+        while True:
+            if not self._queue:
+                if self.closed:
+                    return []
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._queue) < batch_size and not self.closed:
+                remaining = self._arrivals[0][1] + linger_s - self._clock()
+                if remaining > 0:
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    continue
+            return self._take(batch_size)
+
+    def _take(self, batch_size: int) -> list[bytes]:
+        queue = self._queue
+        n = min(batch_size, len(queue))
+        batch = [queue.popleft() for _ in range(n)]
+        self._taken += n
+        arrivals = self._arrivals
+        # A request split across batches keeps its entry: its rest still counts from its arrival.
+        while arrivals and arrivals[0][0] <= self._taken:
+            arrivals.popleft()
+        return batch
+
+    def requeue(self, batch: list[bytes]) -> None:
+        """Give back a batch the writer could not store, at the front, to be retried."""
+        self._queue.extendleft(reversed(batch))
+        self._taken -= len(batch)
+        # These records have waited long enough already: flush them again without lingering.
+        self._arrivals.appendleft((self._taken + len(batch), float("-inf")))
+        self._wakeup.set()
+
+    def stored(self, batch: list[bytes]) -> None:
+        """The writer stored `batch` (the oldest taken records): free its room, resolve acks."""
+        self.records -= len(batch)
+        self.bytes -= sum(map(len, batch))
+        self._stored += len(batch)
+        acks = self._acks
+        while acks and acks[0][0] <= self._stored:
+            future = acks.popleft()[1]
+            if not future.done():
+                future.set_result(None)
+
+    def fail_acks(self, exc: BaseException) -> None:
+        """Fail every pending ack (the writer died), so no caller waits forever."""
+        while self._acks:
+            future = self._acks.popleft()[1]
+            if not future.done():
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Refuse further puts; the writer drains what is queued, then sees []."""
+        self.closed = True
+        self._wakeup.set()

@@ -1,0 +1,392 @@
+"""The `telemetry-sink` command: serve, keygen, read, verify, info."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import orjson
+
+from . import __version__, logfile, speedups
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .crypto import CryptoService, InvalidToken, KeyConfigError, write_key_file
+from .log_writer import WriterLockedError
+
+log = logging.getLogger("telemetry_sink")
+
+CONFIG_ENV = "TELEMETRY_SINK_CONFIG"
+EXIT_DAMAGE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A fatal, user-facing error: printed as one line, exit status 2."""
+
+
+def _config_path(arg: str | None) -> Path | None:
+    """--config, else $TELEMETRY_SINK_CONFIG, else ./config.ini if present, else built-in defaults."""
+    if arg:
+        return Path(arg)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def _load(arg: str | None) -> Config:
+    return load_config(_config_path(arg))
+
+
+# -- serve --
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .buffer import BufferManager
+    from .http_server import create_app
+    from .log_writer import LogWriter
+    from .rate_limiter import RateLimiter
+    from .service import TelemetryService
+
+    _setup_logging(args.log_level)
+    config = _load(args.config)
+    crypto = CryptoService.from_config(config.crypto.key_file)
+    w = config.writer
+    writer = LogWriter(w.directory, crypto, batch_size=w.batch_size, flush_interval_ms=w.flush_interval_ms,
+                       fsync=w.fsync, fsync_interval_ms=w.fsync_interval_ms, max_segment_bytes=w.max_segment_bytes)
+    writer.open()
+    rl = config.rate_limit
+    service = TelemetryService(
+        RateLimiter(rl.bytes_per_second, rl.burst_bytes, rl.mode, rl.max_delay_ms / 1000),
+        BufferManager(config.buffer.max_records, config.buffer.max_bytes),
+        writer,
+    )
+    app = create_app(service, config.ingest.max_body_bytes, config.server.shutdown_timeout_s)
+    log.info("speedups implementation: %s; config: %s", speedups.IMPLEMENTATION, config.source or "defaults")
+
+    class Server(uvicorn.Server):
+        """uvicorn's own signal handling, plus: refuse new ingests from the first signal on."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            service.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
+        app, host=config.server.host, port=config.server.port, loop="uvloop", http="httptools",
+        lifespan="on", access_log=args.access_log, log_level=args.log_level,
+        timeout_graceful_shutdown=config.server.shutdown_timeout_s,
+    ))
+    server.run()
+    return 0
+
+
+# -- keygen --
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else _load(args.config).crypto.key_file
+    try:
+        write_key_file(out)
+    except FileExistsError:
+        raise CliError(f"{out} already exists; refusing to overwrite a key file") from None
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror}") from None
+    print(f"wrote a new key to {out} (mode 0600); keep a copy: without it the log cannot be read",
+          file=sys.stderr)
+    return 0
+
+
+# -- shared by read and verify --
+
+
+def _segments(paths: Sequence[str], config_arg: str | None) -> list[Path]:
+    if not paths:
+        directory = _load(config_arg).writer.directory
+        if not directory.is_dir():
+            raise CliError(f"log directory {directory} does not exist")
+        return logfile.list_segments(directory)
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend(logfile.list_segments(p))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CliError(f"{p}: no such file or directory")
+    return out
+
+
+def _crypto(key_file: str | None, config_arg: str | None) -> CryptoService:
+    if key_file:
+        return CryptoService.from_key_file(Path(key_file))
+    return CryptoService.from_config(_load(config_arg).crypto.key_file)
+
+
+def _warn(message: str) -> None:
+    print(f"telemetry-sink: warning: {message}", file=sys.stderr, flush=True)
+
+
+# -- read --
+
+
+@dataclass
+class _Follower:
+    """Reads segments incrementally: remembers how far each one has been read."""
+
+    crypto: CryptoService
+    out: IO[bytes]
+    node: str | None
+    since: float | None
+    offsets: dict[Path, int] = field(default_factory=dict)
+    bad_tokens: int = 0
+
+    def read_new(self, paths: list[Path], final: bool) -> None:
+        for path in paths:
+            start = self.offsets.get(path, logfile.FILE_HEADER_SIZE)
+            try:
+                image = logfile.SegmentImage(path)
+            except logfile.SegmentFormatError as exc:
+                if final or path.stat().st_size >= logfile.FILE_HEADER_SIZE:
+                    _warn(f"{path}: skipped, {exc}")
+                    self.offsets[path] = 1 << 62
+                continue
+            with image:
+                if image.size <= start:
+                    continue
+                for item in image.batches(start):
+                    if isinstance(item, logfile.Batch):
+                        self._emit(item)
+                        self.offsets[path] = item.end
+                    elif item.kind == "corrupt":
+                        _warn(f"{path}: skipped a damaged batch at offset {item.offset} "
+                              f"({item.end - item.offset} bytes: {item.detail})")
+                        self.offsets[path] = item.end
+                    elif final:
+                        _warn(f"{path}: ends in an incomplete batch at offset {item.offset} "
+                              f"({item.end - item.offset} bytes)")
+            self.out.flush()
+
+    def _emit(self, batch: logfile.Batch) -> None:
+        write = self.out.write
+        for token in batch.tokens:
+            try:
+                plaintext = self.crypto.decrypt(token)
+            except InvalidToken:
+                self.bad_tokens += 1
+                _warn(f"a record in the batch at seq {batch.first_seq} does not authenticate with the key(s)")
+                continue
+            if self.node is not None or self.since is not None:
+                record = orjson.loads(plaintext)
+                if self.node is not None and record.get("node_id") != self.node:
+                    continue
+                ts = record.get("ts")
+                if self.since is not None and not (isinstance(ts, (int, float)) and ts >= self.since):
+                    continue
+            write(plaintext)
+            write(b"\n")
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    crypto = _crypto(args.key_file, args.config)
+    follower = _Follower(crypto, sys.stdout.buffer, args.node, args.since)
+    follower.read_new(_segments(args.paths, args.config), final=not args.follow)
+    if not args.follow:
+        return EXIT_DAMAGE if follower.bad_tokens else 0
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while True:
+            time.sleep(args.poll_interval)
+            follower.read_new(_segments(args.paths, args.config), final=False)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+# -- verify --
+
+
+@dataclass
+class _SegmentReport:
+    batches: int = 0
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _verify_segment(path: Path, crypto: CryptoService | None, expected_seq: int | None) -> _SegmentReport:
+    report = _SegmentReport()
+    try:
+        image = logfile.SegmentImage(path)
+    except (logfile.SegmentFormatError, OSError) as exc:
+        report.problems.append(f"unreadable: {exc}")
+        return report
+    with image:
+        for item in image.batches():
+            if isinstance(item, logfile.Damage):
+                what = "torn tail" if item.kind == "torn" else "corrupt batch"
+                report.problems.append(f"{what} at offset {item.offset} ({item.end - item.offset} bytes: "
+                                       f"{item.detail})")
+                continue
+            if expected_seq is not None and item.first_seq != expected_seq:
+                report.problems.append(f"sequence gap at offset {item.offset}: expected {expected_seq}, "
+                                       f"found {item.first_seq}")
+            expected_seq = item.next_seq
+            report.batches += 1
+            report.records += item.count
+            if report.first_seq is None:
+                report.first_seq = item.first_seq
+            if item.count:
+                report.last_seq = item.next_seq - 1
+            if crypto is not None:
+                for i, token in enumerate(item.tokens):
+                    try:
+                        crypto.decrypt(token)
+                    except InvalidToken:
+                        report.problems.append(f"record {item.first_seq + i} (batch at offset {item.offset}) "
+                                               f"does not authenticate")
+    return report
+
+
+def _series(path: Path) -> str:
+    return path.name.rsplit("-", 1)[0]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    crypto = CryptoService.from_key_file(Path(args.key_file)) if args.key_file else None
+    segments = _segments(args.paths, args.config)
+    if not segments:
+        raise CliError("no segments found")
+    next_seq: dict[str, int] = {}
+    damaged = 0
+    totals = _SegmentReport()
+    for path in segments:
+        report = _verify_segment(path, crypto, next_seq.get(_series(path)))
+        if report.last_seq is not None:
+            next_seq[_series(path)] = report.last_seq + 1
+        seq = f"seq {report.first_seq}..{report.last_seq}" if report.last_seq is not None else "no records"
+        status = "ok" if not report.problems else "DAMAGED"
+        print(f"{path}: {status}: {report.batches} batches, {report.records} records, {seq}")
+        for problem in report.problems:
+            print(f"  {problem}")
+        damaged += bool(report.problems)
+        totals.batches += report.batches
+        totals.records += report.records
+    auth = ", every token authenticated" if crypto is not None and not damaged else ""
+    print(f"{len(segments)} segments, {totals.batches} batches, {totals.records} records, "
+          f"{damaged} damaged{auth}")
+    return EXIT_DAMAGE if damaged else 0
+
+
+# -- info --
+
+
+def _openssl_version() -> str:
+    version = getattr(sys.modules.get("telemetry_sink._speedups"), "OPENSSL_VERSION", None)
+    if isinstance(version, str):
+        return version
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    return str(backend.openssl_version_text())
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    rows: list[tuple[str, Any]] = [
+        ("version", __version__),
+        ("implementation", speedups.IMPLEMENTATION),
+        ("openssl", _openssl_version()),
+        ("python", platform.python_version()),
+        ("config", str(path.resolve()) if path else "(built-in defaults)"),
+    ]
+    for name, value in rows:
+        print(f"{name}: {value}")
+    return 0
+
+
+# -- argument parsing --
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="telemetry-sink",
+        description="Telemetry ingest server: HTTP in, rate-limited, batched, Fernet-encrypted segment log out.",
+        epilog="Configuration: --config PATH, else $TELEMETRY_SINK_CONFIG, else ./config.ini if present. "
+               "Every key can be overridden with TELEMETRY_SINK_<SECTION>_<KEY>; keys with TELEMETRY_SINK_KEY.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="PATH", help="config file (default: ./config.ini)")
+
+    p = sub.add_parser("serve", help="run the HTTP server", description="Run the HTTP ingest server "
+                       "(uvicorn on uvloop + httptools). SIGTERM/SIGINT drain the buffer to disk and exit.")
+    config_opt(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default: it is slow)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keygen", help="write a new key file (mode 0600)",
+                       description="Write a new Fernet key file with mode 0600. Never overwrites a file.")
+    config_opt(p)
+    p.add_argument("--out", metavar="PATH", help="where to write it (default: [crypto] key_file)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("read", help="decrypt segments and print one JSON record a line",
+                       description="Decrypt segments (default: every segment in the configured directory, in "
+                       "order) and print one JSON record a line. Damaged batches are skipped with a warning.")
+    config_opt(p)
+    p.add_argument("--key-file", metavar="PATH", help="key file (default: the configured one)")
+    p.add_argument("--node", metavar="ID", help="only records with this node_id")
+    p.add_argument("--since", metavar="TS", type=float, help="only records whose ts >= TS (Unix seconds)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep reading as the live log grows")
+    p.add_argument("--poll-interval", type=float, default=0.25, help=argparse.SUPPRESS)
+    p.add_argument("paths", nargs="*", metavar="PATH", help="segment files or directories")
+    p.set_defaults(func=cmd_read)
+
+    p = sub.add_parser("verify", help="check segments' integrity (no key needed)",
+                       description="Walk every segment: batches, records, first/last sequence, gaps, torn tails "
+                       "and corrupt batches with their offsets. Exit status 1 on any damage.")
+    config_opt(p)
+    p.add_argument("--key-file", metavar="PATH", help="also authenticate every token with these keys")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="segment files or directories")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("info", help="version, implementation, OpenSSL version, config path")
+    config_opt(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, KeyConfigError, CliError, WriterLockedError) as exc:
+        print(f"telemetry-sink: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # `read | head`: the reader went away; not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+

@@ -1,0 +1,281 @@
+"""LogWriter: the one background task that frames, encrypts and appends batches to segments.
+
+All file work (framing, write, fsync, truncate) runs on one dedicated thread so the event
+loop never blocks on the disk, and batches stay in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import logfile
+from .buffer import BufferManager
+from .crypto import CryptoService
+
+log = logging.getLogger("telemetry_sink.writer")
+
+FSYNC_POLICIES = ("batch", "interval", "never")
+_BACKOFF_MIN_S = 0.05
+_BACKOFF_MAX_S = 2.0
+
+
+class WriterLockedError(RuntimeError):
+    """Every segment series in the directory is held by another running writer."""
+
+
+@dataclass(slots=True)
+class WriterStats:
+    batches: int = 0
+    records: int = 0
+    bytes: int = 0
+    write_errors: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What start-up found at the end of the newest segment of this writer's series."""
+
+    segment: Path | None
+    next_seq: int
+    cut_bytes: int
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_series(directory: Path, series: str) -> Recovery:
+    """Cut a torn batch off the newest segment of `series` and find the next sequence number."""
+    segments = [p for p in logfile.list_segments(directory) if p.name.startswith(series + "-")]
+    if not segments:
+        return Recovery(None, 0, 0)
+    newest = segments[-1]
+    name_seq = int(newest.name[len(series) + 1 : -len(logfile.SEGMENT_SUFFIX)])
+    size = newest.stat().st_size
+    if size < logfile.FILE_HEADER_SIZE:
+        # Torn while being created: nothing but (part of) a header was ever written.
+        with open(newest, "r+b") as f:
+            f.truncate(0)
+            f.write(logfile.FILE_HEADER_BYTES)
+            os.fsync(f.fileno())
+        log.warning("segment %s had a torn header; rewrote it (%d bytes cut)", newest, size)
+        return Recovery(newest, name_seq, size)
+    next_seq = name_seq
+    cut_at: int | None = None
+    with logfile.SegmentImage(newest) as image:
+        for item in image.batches():
+            if isinstance(item, logfile.Batch):
+                next_seq = item.next_seq
+            elif item.kind == "torn":
+                cut_at = item.offset
+            else:
+                log.warning("segment %s: corrupt bytes %d..%d left in place (%s)", newest, item.offset,
+                            item.end, item.detail)
+    if cut_at is None:
+        return Recovery(newest, next_seq, 0)
+    with open(newest, "r+b") as f:
+        f.truncate(cut_at)
+        os.fsync(f.fileno())
+    log.warning("segment %s ended in a torn batch: cut %d bytes at offset %d; next sequence number %d",
+                newest, size - cut_at, cut_at, next_seq)
+    return Recovery(newest, next_seq, size - cut_at)
+
+
+class LogWriter:
+    """Appends encrypted batches to the segment series it claims in `directory`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        crypto: CryptoService,
+        *,
+        batch_size: int,
+        flush_interval_ms: int,
+        fsync: str,
+        fsync_interval_ms: int,
+        max_segment_bytes: int,
+        slots: int = 1,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
+        self.directory = directory
+        self.batch_size = batch_size
+        self.linger_s = flush_interval_ms / 1000
+        self.fsync_policy = fsync
+        self.fsync_interval_s = fsync_interval_ms / 1000
+        self.max_segment_bytes = max_segment_bytes
+        self.slots = slots
+        self.stats = WriterStats()
+        self.series: str | None = None
+        self.next_seq = 0
+        self._crypto = crypto
+        self._framer = crypto.new_framer()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry-writer")
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._segment: Path | None = None
+        self._size = 0
+        self._dirty = False
+        self._last_fsync = 0.0
+
+    # -- set-up and tear-down (blocking; call before the loop runs or via the executor) --
+
+    def open(self) -> Recovery:
+        """Claim a series (an flock'd lock file per slot), recover its tail, open for append."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for slot in range(self.slots):
+            series = f"w{slot}"
+            fd = os.open(self.directory / f"{series}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._lock_fd, self.series = fd, series
+            break
+        else:
+            raise WriterLockedError(
+                f"{self.directory}: all {self.slots} segment series are locked by other running writers"
+            )
+        recovery = recover_series(self.directory, self.series)
+        self.next_seq = recovery.next_seq
+        if recovery.segment is not None and recovery.segment.stat().st_size < self.max_segment_bytes:
+            self._open_segment(recovery.segment, create=False)
+        return recovery
+
+    def _open_segment(self, path: Path, create: bool) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        if create:
+            _write_all(fd, logfile.FILE_HEADER_BYTES)
+            os.fsync(fd)
+            _fsync_dir(path.parent)
+            log.info("opened segment %s", path.name)
+        self._fd, self._segment = fd, path
+        self._size = os.fstat(fd).st_size
+
+    def _seal(self) -> None:
+        if self._fd is None:
+            return
+        os.fsync(self._fd)
+        os.close(self._fd)
+        log.info("sealed segment %s (%d bytes)", self._segment.name if self._segment else "?", self._size)
+        self._fd, self._segment, self._dirty = None, None, False
+
+    def close(self) -> None:
+        """Fsync and close the active segment and release the series lock."""
+        self._seal()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._executor.shutdown(wait=True)
+
+    # -- the writer thread --
+
+    def _write_batch(self, records: list[bytes]) -> None:
+        assert self.series is not None, "open() first"
+        data = self._framer.frame(self.next_seq, int(time.time() * 1000), records)
+        if self._fd is None:
+            self._open_segment(self.directory / logfile.segment_name(self.series, self.next_seq), create=True)
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, data)
+        except OSError:
+            self._undo_partial_write()
+            raise
+        self._size += len(data)
+        self._dirty = True
+        self.next_seq += len(records)
+        due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
+        if self.fsync_policy == "batch" or due:
+            self._fsync()
+        if self._size >= self.max_segment_bytes:
+            self._seal()
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        self.stats.bytes += len(data)
+
+    def _undo_partial_write(self) -> None:
+        """Cut whatever part of a failed batch reached the file, or abandon the segment."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            # The file now ends in a torn batch we cannot remove: leave it to readers'
+            # resynchronisation and continue in a fresh segment.
+            log.error("could not truncate %s after a failed write; starting a new segment", self._segment)
+            os.close(self._fd)
+            self._fd, self._segment = None, None
+
+    def _fsync(self) -> None:
+        if self._fd is not None and self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+        self._last_fsync = time.monotonic()
+
+    # -- the event-loop side --
+
+    async def run(self, buffer: BufferManager) -> None:
+        """Write batches until the buffer is closed and drained; then fsync and close."""
+        loop = asyncio.get_running_loop()
+        ticker = asyncio.create_task(self._fsync_ticker()) if self.fsync_policy == "interval" else None
+        backoff = _BACKOFF_MIN_S
+        try:
+            while True:
+                batch = await buffer.next_batch(self.batch_size, self.linger_s)
+                if not batch:
+                    return
+                try:
+                    await loop.run_in_executor(self._executor, self._write_batch, batch)
+                except OSError as exc:
+                    self.stats.write_errors += 1
+                    self.stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
+                    log.error("write of %d records failed (%s); retrying in %.2fs", len(batch),
+                              self.stats.last_error, backoff)
+                    buffer.requeue(batch)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                    continue
+                backoff = _BACKOFF_MIN_S
+                self.stats.last_error = None
+                buffer.stored(batch)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            await loop.run_in_executor(self._executor, self._seal_quietly)
+
+    def _seal_quietly(self) -> None:
+        try:
+            self._seal()
+        except OSError as exc:
+            log.error("final fsync/close of %s failed: %s", self._segment, exc)
+
+    async def _fsync_ticker(self) -> None:
+        """With fsync = interval, make sure the last batch is fsynced within the interval."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.fsync_interval_s)
+            if self._dirty:
+                try:
+                    await loop.run_in_executor(self._executor, self._fsync)
+                except OSError as exc:
+                    log.error("fsync of %s failed: %s", self._segment, exc)

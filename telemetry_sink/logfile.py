@@ -1,0 +1,197 @@
+"""Segment format v1: constants, pure-Python framing and a resynchronising reader.
+
+The format is normative and documented in docs/log-format.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+FILE_MAGIC = b"TSINKLOG"
+FORMAT_VERSION = 1
+FILE_HEADER = struct.Struct(">8sHHI")  # magic, version, flags, reserved
+FILE_HEADER_SIZE = FILE_HEADER.size  # 16
+FILE_HEADER_BYTES = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0, 0)
+
+BATCH_MAGIC = b"TSB1"
+BATCH_HEADER = struct.Struct(">4sII")  # magic, body length, crc32(body)
+BATCH_HEADER_SIZE = BATCH_HEADER.size  # 12
+BODY_HEADER = struct.Struct(">QIQ")  # first_seq, count, created_ms
+BODY_HEADER_SIZE = BODY_HEADER.size  # 20
+TOKEN_LEN = struct.Struct(">I")
+
+SEGMENT_SUFFIX = ".tslog"
+# A batch body larger than this is treated as corrupt: no writer frames one that big
+# (max_body_bytes bounds a request, batch_size bounds a batch), and it keeps a damaged
+# length field from making the reader allocate gigabytes.
+MAX_BATCH_BODY = 1 << 31
+
+
+class SegmentFormatError(ValueError):
+    """The file is not a v1 segment (bad magic, version or flags)."""
+
+
+def frame_batch(first_seq: int, created_ms: int, tokens: Sequence[bytes]) -> bytes:
+    """Return one complete TSB1 batch (header, CRC, body) holding `tokens` in order."""
+    parts = [BODY_HEADER.pack(first_seq, len(tokens), created_ms)]
+    pack_len = TOKEN_LEN.pack
+    for token in tokens:
+        parts.append(pack_len(len(token)))
+        parts.append(token)
+    body = b"".join(parts)
+    return BATCH_HEADER.pack(BATCH_MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def check_file_header(header: bytes) -> None:
+    """Raise SegmentFormatError unless `header` is a valid v1 file header."""
+    if len(header) < FILE_HEADER_SIZE:
+        raise SegmentFormatError(f"file header is {len(header)} bytes, expected {FILE_HEADER_SIZE}")
+    magic, version, flags, _reserved = FILE_HEADER.unpack_from(header)
+    if magic != FILE_MAGIC:
+        raise SegmentFormatError(f"bad file magic {magic!r}, expected {FILE_MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise SegmentFormatError(f"unsupported format version {version}")
+    if flags != 0:
+        raise SegmentFormatError(f"unsupported flags 0x{flags:04x}")
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One intact batch: where it sits in the file and what it holds."""
+
+    offset: int
+    end: int
+    first_seq: int
+    count: int
+    created_ms: int
+    tokens: list[bytes]
+
+    @property
+    def next_seq(self) -> int:
+        return self.first_seq + self.count
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Bytes that do not form a valid batch.
+
+    `torn`: no valid batch follows, so the file ends in an incomplete write (or a
+    batch still being written). `corrupt`: a valid batch follows at `end`.
+    """
+
+    offset: int
+    end: int
+    kind: Literal["torn", "corrupt"]
+    detail: str
+
+
+def _parse_at(buf: bytes | mmap.mmap, offset: int, size: int) -> Batch | str:
+    """Parse the batch at `offset`; return it, or a string saying why it is invalid."""
+    if size - offset < BATCH_HEADER_SIZE:
+        return f"{size - offset} bytes left, shorter than a batch header"
+    magic, length, crc = BATCH_HEADER.unpack_from(buf, offset)
+    if magic != BATCH_MAGIC:
+        return f"bad batch magic {bytes(magic)!r}"
+    if length < BODY_HEADER_SIZE or length > MAX_BATCH_BODY:
+        return f"impossible body length {length}"
+    start = offset + BATCH_HEADER_SIZE
+    end = start + length
+    if end > size:
+        return f"body of {length} bytes runs {end - size} bytes past the end of the file"
+    body = memoryview(buf)[start:end]
+    try:
+        if zlib.crc32(body) != crc:
+            return "CRC mismatch"
+        first_seq, count, created_ms = BODY_HEADER.unpack_from(body, 0)
+        pos = BODY_HEADER_SIZE
+        tokens: list[bytes] = []
+        for _ in range(count):
+            if pos + 4 > length:
+                return "record count runs past the body"
+            (token_len,) = TOKEN_LEN.unpack_from(body, pos)
+            pos += 4
+            if pos + token_len > length:
+                return "record length runs past the body"
+            tokens.append(bytes(body[pos : pos + token_len]))
+            pos += token_len
+        if pos != length:
+            return f"{length - pos} stray bytes after the last record"
+    finally:
+        body.release()
+    return Batch(offset, end, first_seq, count, created_ms, tokens)
+
+
+def _resync(buf: bytes | mmap.mmap, offset: int, size: int) -> Batch | None:
+    """Find the next valid batch after `offset` (magic, sane length and CRC all agree)."""
+    pos = offset + 1
+    while True:
+        pos = buf.find(BATCH_MAGIC, pos, size)
+        if pos < 0:
+            return None
+        found = _parse_at(buf, pos, size)
+        if isinstance(found, Batch):
+            return found
+        pos += 1
+
+
+def iter_batches(buf: bytes | mmap.mmap, start: int = FILE_HEADER_SIZE) -> Iterator[Batch | Damage]:
+    """Walk the batches of a segment image from `start`, resynchronising past damage."""
+    size = len(buf)
+    offset = start
+    while offset < size:
+        found = _parse_at(buf, offset, size)
+        if isinstance(found, Batch):
+            yield found
+            offset = found.end
+            continue
+        following = _resync(buf, offset, size)
+        if following is None:
+            yield Damage(offset, size, "torn", found)
+            return
+        yield Damage(offset, following.offset, "corrupt", found)
+        offset = following.offset
+
+
+class SegmentImage:
+    """A read-only, memory-mapped view of one segment file (header already checked)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            check_file_header(f.read(FILE_HEADER_SIZE))
+            self._map: bytes | mmap.mmap = (
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if self.size > FILE_HEADER_SIZE
+                else FILE_HEADER_BYTES
+            )
+
+    def batches(self, start: int = FILE_HEADER_SIZE) -> Iterator[Batch | Damage]:
+        return iter_batches(self._map, start)
+
+    def close(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            self._map.close()
+
+    def __enter__(self) -> SegmentImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def list_segments(directory: Path) -> list[Path]:
+    """Segment files in `directory`, sorted by name (series, then write order)."""
+    return sorted(p for p in directory.glob(f"*{SEGMENT_SUFFIX}") if p.is_file())
+
+
+def segment_name(series: str, first_seq: int) -> str:
+    """File name of a segment whose first batch starts at `first_seq`; sorts in write order."""
+    return f"{series}-{first_seq:020d}{SEGMENT_SUFFIX}"

@@ -1,0 +1,190 @@
+"""TelemetryService: transport-agnostic ingest (parse, validate, rate limit, buffer) and the
+writer task's lifecycle. The HTTP adapter maps its results and IngestError to responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from .buffer import BufferClosed, BufferFull, BufferManager
+from .log_writer import LogWriter
+from .rate_limiter import RateLimited, RateLimiter
+
+log = logging.getLogger("telemetry_sink.service")
+
+MAX_NODE_ID_CHARS = 128
+FORMATS = ("json", "ndjson")
+_MISSING = object()
+
+
+class IngestError(Exception):
+    """A request that stores nothing: HTTP-ish status, error code, detail, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        *,
+        index: int | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.index = index
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error}
+        if self.index is not None:
+            out["index"] = self.index
+        out["detail"] = self.detail
+        return out
+
+
+def _invalid(index: int, detail: str) -> IngestError:
+    return IngestError(422, "invalid_record", detail, index=index)
+
+
+def parse_body(body: bytes, fmt: str) -> list[Any]:
+    """Decode a JSON (object or array of objects) or NDJSON body into a list of values."""
+    if fmt == "ndjson":
+        values: list[Any] = []
+        for lineno, line in enumerate(body.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                values.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
+        if not values:
+            raise _invalid(0, "the body holds no records")
+        return values
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise IngestError(400, "invalid_json", str(exc)) from None
+    if type(doc) is dict:
+        return [doc]
+    if type(doc) is list:
+        if not doc:
+            raise _invalid(0, "the array holds no records")
+        return doc
+    raise _invalid(0, f"the body must be a JSON object or an array of objects, not {_json_type(doc)}")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+             bool: "a boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], int]:
+    """Validate every record (all or nothing), add missing `ts`, return plaintexts and their size."""
+    for index, record in enumerate(values):
+        if type(record) is not dict:
+            raise _invalid(index, f"a record must be a JSON object, not {_json_type(record)}")
+        node_id = record.get("node_id")
+        if type(node_id) is not str:
+            if node_id is None and "node_id" not in record:
+                raise _invalid(index, "node_id is missing")
+            raise _invalid(index, f"node_id must be a string, not {_json_type(node_id)}")
+        if not 0 < len(node_id) <= MAX_NODE_ID_CHARS:
+            raise _invalid(index, f"node_id must be 1 to {MAX_NODE_ID_CHARS} characters, not {len(node_id)}")
+        ts = record.get("ts", _MISSING)
+        if ts is _MISSING:
+            record["ts"] = received_at
+        elif type(ts) is not float and type(ts) is not int:
+            raise _invalid(index, f"ts must be a number (Unix seconds), not {_json_type(ts)}")
+    dumps = orjson.dumps
+    plaintexts = [dumps(r) for r in values]
+    return plaintexts, sum(map(len, plaintexts))
+
+
+class TelemetryService:
+    """Admits requests (rate limit), stores their records in the buffer, runs the writer."""
+
+    def __init__(
+        self,
+        rate_limiter: RateLimiter,
+        buffer: BufferManager,
+        writer: LogWriter,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rate_limiter = rate_limiter
+        self.buffer = buffer
+        self.writer = writer
+        self.closing = False
+        self._wall_clock = wall_clock
+        self._writer_task: asyncio.Task[None] | None = None
+
+    async def ingest(self, body: bytes, fmt: str, wire_bytes: int | None = None) -> int:
+        """Store every record of one request, or none; return how many. Raises IngestError."""
+        if self.closing:
+            raise IngestError(503, "shutting_down", "the server is shutting down")
+        received_at = self._wall_clock()
+        try:
+            wait = self.rate_limiter.admit(len(body) if wire_bytes is None else wire_bytes)
+        except RateLimited as exc:
+            raise IngestError(429, "rate_limited", "the global rate limit is exceeded",
+                              retry_after=exc.retry_after_header) from None
+        if wait > 0.0:
+            await asyncio.sleep(wait)
+        plaintexts, nbytes = encode_records(parse_body(body, fmt), received_at)
+        try:
+            self.buffer.put(plaintexts, nbytes)
+        except BufferFull:
+            raise IngestError(503, "buffer_full", "the write buffer is full; retry later",
+                              retry_after=BufferFull.retry_after_header) from None
+        except BufferClosed:
+            raise IngestError(503, "shutting_down", "the server is shutting down") from None
+        return len(plaintexts)
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._writer_task is not None and not self._writer_task.done()
+
+    async def start(self) -> None:
+        """Start the writer task (the writer must already be open)."""
+        self._writer_task = asyncio.create_task(self.writer.run(self.buffer), name="telemetry-writer")
+        self._writer_task.add_done_callback(self._writer_done)
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            exc: BaseException = RuntimeError("the writer was cancelled")
+        elif task.exception() is not None:
+            exc = task.exception()  # type: ignore[assignment]
+            log.error("the writer task died: %r", exc)
+        else:
+            exc = RuntimeError("the writer stopped")
+        self.closing = True
+        self.buffer.fail_acks(exc)
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting requests (they get 503); in-flight ones finish."""
+        self.closing = True
+
+    async def stop(self, timeout_s: float) -> None:
+        """Drain the buffer to disk, fsync and close; log what could not be written in time."""
+        self.closing = True
+        self.buffer.close()
+        task = self._writer_task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            except TimeoutError:
+                log.error("shutdown: %d buffered records were not written within %ss", self.buffer.records,
+                          timeout_s)
+                task.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
+        stats = self.writer.stats
+        log.info("shutdown complete: %d records in %d batches written this run; next sequence number %d",
+                 stats.records, stats.batches, self.writer.next_seq)
