@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import httpx
 import pytest
 
 from telemetry_sink import speedups
+from telemetry_sink.crypto import write_key_file
 
 
 def pytest_report_header() -> str:
@@ -23,3 +34,122 @@ def speedups_impl(request: pytest.FixtureRequest) -> ModuleType:
         return importlib.import_module("telemetry_sink._speedups")
     except ImportError as exc:
         pytest.skip(f"compiled extension not built: {exc}")
+
+
+# -- keys, configs and real server subprocesses --
+
+ConfigValues = dict[str, dict[str, Any]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, values: ConfigValues) -> Path:
+    lines: list[str] = []
+    for section, keys in values.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {v}" for k, v in keys.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys" / "sink.key"
+    write_key_file(path)
+    return path
+
+
+class ServerProcess:
+    """`python -m telemetry_sink serve` as a real subprocess on a loopback port."""
+
+    def __init__(self, config_path: Path, port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")
+                    or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "telemetry_sink", "serve", "--config", str(config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def post(self, body: bytes | str, content_type: str = "application/json", **kw: Any) -> httpx.Response:
+        headers = {"content-type": content_type, **kw.pop("headers", {})}
+        return httpx.post(self.url + "/telemetry", content=body, headers=headers, timeout=10.0, **kw)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the graceful path."""
+        self.signal(signal.SIGTERM)
+        return self.wait()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start a server with config `overrides` ({section: {key: value}}); killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(overrides: ConfigValues | None = None, *, env: dict[str, str] | None = None,
+              wait: bool = True, port: int | None = None) -> ServerProcess:
+        values: ConfigValues = {
+            "server": {"host": "127.0.0.1", "port": port or free_port(), "shutdown_timeout_s": 20},
+            "writer": {"directory": str(tmp_path / "data"), "flush_interval_ms": 50},
+            "crypto": {"key_file": str(key_file)},
+        }
+        for section, keys in (overrides or {}).items():
+            values.setdefault(section, {}).update(keys)
+        config = write_config(tmp_path / f"config-{len(started)}.ini", values)
+        server = ServerProcess(config, int(values["server"]["port"]), tmp_path / f"server-{len(started)}.log", env)
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+        server._log.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m telemetry_sink ARGS` and capture its output."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")
+                or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "telemetry_sink", *args], capture_output=True,
+                          env=full_env, check=check, timeout=timeout)

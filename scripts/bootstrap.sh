@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system packages (when root), .venv inside the repo, the package with its
+# test tools, and the compiled extension. Used by scripts/run.sh, scripts/test.sh and .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages: a C compiler and OpenSSL headers build the extension; wrk drives the
+# HTTP benchmarks. Installed with apt-get when we may (root on Debian/Ubuntu), else a warning.
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+[ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+if [ "${TELEMETRY_SINK_WITH_WRK:-0}" = 1 ]; then command -v wrk >/dev/null 2>&1 || missing+=(wrk); fi
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing system packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "bootstrap: WARNING: missing system packages: ${missing[*]} (e.g. sudo apt-get install ${missing[*]})" >&2
+    fi
+fi
+
+# Python 3.11 or newer.
+python=""
+for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+        "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        python=$candidate
+        break
+    fi
+done
+[ -n "$python" ] || { echo "bootstrap: Python 3.11+ is required" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=.venv/.telemetry-sink-installed
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py -newer "$stamp" 2>/dev/null)" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[test]"
+    touch "$stamp"
+fi
+# Compile (or re-compile) the extension in place; falls back to the pure-Python twin with a warning.
+.venv/bin/python setup.py -q build_ext --inplace
+.venv/bin/telemetry-sink info

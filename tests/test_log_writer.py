@@ -1,0 +1,207 @@
+"""LogWriter on real files: batches, sequence numbers, roll-over, fsync policy, torn-tail
+recovery, series locks, and write failures (injected) that lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from telemetry_sink import log_writer, logfile
+from telemetry_sink.buffer import BufferManager
+from telemetry_sink.crypto import CryptoService, generate_key
+from telemetry_sink.log_writer import LogWriter, WriterLockedError
+
+
+@pytest.fixture
+def crypto() -> CryptoService:
+    return CryptoService([generate_key().decode()], "test")
+
+
+def make_writer(directory: Path, crypto: CryptoService, **kw: Any) -> LogWriter:
+    options: dict[str, Any] = dict(batch_size=10, flush_interval_ms=20, fsync="never", fsync_interval_ms=1000,
+                                   max_segment_bytes=1 << 20)
+    options.update(kw)
+    return LogWriter(directory, crypto, **options)
+
+
+def read_all(directory: Path, crypto: CryptoService) -> list[tuple[int, bytes]]:
+    """(sequence number, plaintext) of every record, in file order; asserts no damage."""
+    out: list[tuple[int, bytes]] = []
+    for path in logfile.list_segments(directory):
+        with logfile.SegmentImage(path) as seg:
+            for item in seg.batches():
+                assert isinstance(item, logfile.Batch), f"{path}: {item}"
+                out.extend((item.first_seq + i, crypto.decrypt(t)) for i, t in enumerate(item.tokens))
+    return out
+
+
+async def write_records(writer: LogWriter, records: list[bytes], per_put: int = 1) -> BufferManager:
+    buf = BufferManager(100_000, 1 << 30)
+    task = asyncio.create_task(writer.run(buf))
+    for i in range(0, len(records), per_put):
+        chunk = records[i : i + per_put]
+        buf.put(chunk, sum(map(len, chunk)))
+        await asyncio.sleep(0)
+    buf.close()
+    await asyncio.wait_for(task, 30)
+    return buf
+
+
+async def test_records_are_written_encrypted_with_consecutive_sequence_numbers(tmp_path: Path,
+                                                                               crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto)
+    writer.open()
+    records = [b'{"node_id":"n","i":%d}' % i for i in range(95)]
+    buf = await write_records(writer, records, per_put=7)
+    writer.close()
+    assert buf.records == 0
+    assert read_all(tmp_path, crypto) == list(enumerate(records))
+    raw = b"".join(p.read_bytes() for p in logfile.list_segments(tmp_path))
+    assert b'"node_id"' not in raw  # nothing in clear text
+    assert writer.stats.records == 95 and writer.stats.batches >= 10
+
+
+async def test_segments_roll_over_and_sort_in_write_order(tmp_path: Path, crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto, batch_size=5, max_segment_bytes=2000)
+    writer.open()
+    records = [b"r%04d" % i * 20 for i in range(100)]
+    await write_records(writer, records, per_put=5)
+    writer.close()
+    segments = logfile.list_segments(tmp_path)
+    assert len(segments) > 3
+    assert read_all(tmp_path, crypto) == list(enumerate(records))
+    for path in segments[:-1]:
+        assert path.stat().st_size >= 2000  # rolled only after passing the limit
+    first_seqs = [int(p.name.split("-")[1].split(".")[0]) for p in segments]
+    assert first_seqs == sorted(first_seqs) and first_seqs[0] == 0
+
+
+async def test_restart_continues_sequence_numbers(tmp_path: Path, crypto: CryptoService) -> None:
+    for run in range(3):
+        writer = make_writer(tmp_path, crypto)
+        writer.open()
+        await write_records(writer, [b"run%d-%d" % (run, i) for i in range(15)], per_put=15)
+        writer.close()
+    assert [seq for seq, _ in read_all(tmp_path, crypto)] == list(range(45))
+
+
+@pytest.mark.parametrize("garbage", [b"TSB1\x00\x00", b"\x00" * 3, None], ids=["partial-header", "zeros", "half-batch"])
+async def test_torn_tail_is_cut_at_start_up(tmp_path: Path, crypto: CryptoService, garbage: bytes | None,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    writer = make_writer(tmp_path, crypto)
+    writer.open()
+    await write_records(writer, [b"a%d" % i for i in range(20)], per_put=10)
+    writer.close()
+    (segment,) = logfile.list_segments(tmp_path)
+    size = segment.stat().st_size
+    if garbage is None:  # a crash half-way through the second batch
+        garbage = crypto.new_framer().frame(20, 0, [b"lost"] * 4)[:-30]
+    with open(segment, "ab") as f:
+        f.write(garbage)
+    with caplog.at_level(logging.WARNING, logger="telemetry_sink.writer"):
+        writer = make_writer(tmp_path, crypto)
+        recovery = writer.open()
+    assert recovery.cut_bytes == len(garbage)
+    assert f"cut {len(garbage)} bytes" in caplog.text
+    assert segment.stat().st_size == size
+    assert writer.next_seq == 20
+    await write_records(writer, [b"after"], per_put=1)
+    writer.close()
+    assert read_all(tmp_path, crypto)[-1] == (20, b"after")
+
+
+async def test_segment_torn_while_being_created(tmp_path: Path, crypto: CryptoService) -> None:
+    (tmp_path / logfile.segment_name("w0", 0)).write_bytes(b"")
+    torn = tmp_path / logfile.segment_name("w0", 7)
+    torn.write_bytes(b"TSINK")
+    writer = make_writer(tmp_path, crypto)
+    recovery = writer.open()
+    assert (recovery.segment, recovery.next_seq, recovery.cut_bytes) == (torn, 7, 5)
+    await write_records(writer, [b"x"])
+    writer.close()
+    with logfile.SegmentImage(torn) as seg:
+        (batch,) = seg.batches()
+    assert isinstance(batch, logfile.Batch) and batch.first_seq == 7
+
+
+def test_a_second_writer_cannot_take_the_same_series(tmp_path: Path, crypto: CryptoService) -> None:
+    first = make_writer(tmp_path, crypto, slots=2)
+    first.open()
+    with pytest.raises(WriterLockedError, match="locked by other running writers"):
+        make_writer(tmp_path, crypto).open()
+    second = make_writer(tmp_path, crypto, slots=2)
+    second.open()
+    assert (first.series, second.series) == ("w0", "w1")
+    first.close()
+    second.close()
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("batch", 5), ("never", 0)])
+async def test_fsync_policy(tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch,
+                            policy: str, expected: int) -> None:
+    writer = make_writer(tmp_path, crypto, fsync=policy, batch_size=2)
+    writer.open()
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(log_writer.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    buf = BufferManager(1000, 1 << 20)
+    task = asyncio.create_task(writer.run(buf))
+    for _ in range(5):
+        buf.put([b"a", b"b"], 2)
+        for _attempt in range(200):
+            if buf.records == 0:
+                break
+            await asyncio.sleep(0.01)
+    assert writer.stats.batches == 5
+    assert len(calls) == expected + 2  # plus creating the segment: its header, then its directory
+    buf.close()
+    await task
+    writer.close()
+    assert len(calls) == expected + 3  # sealing at shutdown always fsyncs
+
+
+async def test_interval_policy_fsyncs_an_idle_tail(tmp_path: Path, crypto: CryptoService,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = make_writer(tmp_path, crypto, fsync="interval", fsync_interval_ms=100)
+    writer.open()
+    writer._last_fsync = float("inf")  # no fsync on the write path: only the ticker may do it
+    buf = BufferManager(1000, 1 << 20)
+    task = asyncio.create_task(writer.run(buf))
+    buf.put([b"x"], 1)
+    for _ in range(300):
+        if writer.stats.batches and not writer._dirty:
+            break
+        await asyncio.sleep(0.01)
+    assert writer.stats.batches == 1 and not writer._dirty
+    buf.close()
+    await task
+    writer.close()
+
+
+async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypto: CryptoService,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected ENOSPC after a partial write: the partial batch is cut, the batch retried."""
+    real_write_all = log_writer._write_all
+    failures = {"left": 3}
+
+    def flaky_write_all(fd: int, data: bytes) -> None:
+        if failures["left"] and len(data) > 16:
+            failures["left"] -= 1
+            real_write_all(fd, data[: len(data) // 2])  # half the batch reaches the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(log_writer, "_write_all", flaky_write_all)
+    writer = make_writer(tmp_path, crypto, batch_size=4)
+    writer.open()
+    records = [b"rec%d" % i for i in range(12)]
+    await write_records(writer, records, per_put=4)
+    writer.close()
+    assert writer.stats.write_errors == 3
+    assert read_all(tmp_path, crypto) == list(enumerate(records))

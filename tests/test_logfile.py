@@ -1,0 +1,102 @@
+"""Segment format v1: framing, header checks and the resynchronising reader."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from telemetry_sink import logfile
+from telemetry_sink.logfile import FILE_HEADER_BYTES, Batch, Damage, frame_batch, iter_batches
+
+
+def image(*batches: bytes) -> bytes:
+    return FILE_HEADER_BYTES + b"".join(batches)
+
+
+def test_file_header_layout() -> None:
+    assert b"TSINKLOG" + struct.pack(">HHI", 1, 0, 0) == FILE_HEADER_BYTES
+    assert len(FILE_HEADER_BYTES) == 16
+
+
+def test_frame_batch_layout_byte_for_byte() -> None:
+    data = frame_batch(42, 1_700_000_000_123, [b"tok1", b"token-two"])
+    body = struct.pack(">QIQ", 42, 2, 1_700_000_000_123) + struct.pack(">I", 4) + b"tok1" + \
+        struct.pack(">I", 9) + b"token-two"
+    assert data == b"TSB1" + struct.pack(">II", len(body), zlib.crc32(body)) + body
+
+
+def test_reader_returns_batches_in_order() -> None:
+    items = list(iter_batches(image(frame_batch(0, 1, [b"a", b"b"]), frame_batch(2, 2, []), frame_batch(2, 3, [b"c"]))))
+    assert all(isinstance(i, Batch) for i in items)
+    batches = [i for i in items if isinstance(i, Batch)]
+    assert [(b.first_seq, b.count, b.created_ms, b.tokens) for b in batches] == [
+        (0, 2, 1, [b"a", b"b"]), (2, 0, 2, []), (2, 1, 3, [b"c"])]
+    assert batches[0].offset == 16 and batches[1].offset == batches[0].end
+
+
+@pytest.mark.parametrize("cut", [1, 11, 12, 20, 31, 40], ids=lambda c: f"cut-{c}-bytes-in")
+def test_torn_tail_is_reported_where_it_starts(cut: int) -> None:
+    first = frame_batch(0, 1, [b"x" * 10])
+    second = frame_batch(1, 2, [b"y" * 30])
+    data = image(first, second[:cut])
+    items = list(iter_batches(data))
+    assert isinstance(items[0], Batch)
+    assert items[1] == Damage(16 + len(first), len(data), "torn", items[1].detail)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("where", [0, 5, 9, 14, 25, 60], ids=lambda w: f"byte-{w}")
+def test_corrupt_batch_in_the_middle_is_skipped_by_resync(where: int) -> None:
+    batches = [frame_batch(i, i, [b"record-%d" % i * 5]) for i in range(3)]
+    damaged = bytearray(batches[1])
+    damaged[where] ^= 0xFF
+    items = list(iter_batches(image(batches[0], bytes(damaged), batches[2])))
+    kinds = [i.kind if isinstance(i, Damage) else i.first_seq for i in items]
+    assert kinds == [0, "corrupt", 2]
+    damage = items[1]
+    assert isinstance(damage, Damage) and damage.offset == 16 + len(batches[0])
+    assert damage.end == 16 + len(batches[0]) + len(batches[1])
+
+
+def test_crc_catches_a_flipped_token_byte() -> None:
+    data = bytearray(image(frame_batch(0, 0, [b"abcdef"])))
+    data[-2] ^= 1
+    (item,) = iter_batches(bytes(data))
+    assert isinstance(item, Damage) and item.detail == "CRC mismatch"
+
+
+def test_impossible_length_does_not_allocate() -> None:
+    data = image(b"TSB1" + struct.pack(">II", 0xFFFFFFFF, 0))
+    (item,) = iter_batches(data)
+    assert isinstance(item, Damage) and item.kind == "torn"
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        pytest.param(b"TSINKLO", "file header is 7 bytes", id="short"),
+        pytest.param(b"XSINKLOG" + bytes(8), "bad file magic", id="magic"),
+        pytest.param(b"TSINKLOG" + struct.pack(">HHI", 2, 0, 0), "unsupported format version 2", id="version"),
+        pytest.param(b"TSINKLOG" + struct.pack(">HHI", 1, 1, 0), "unsupported flags", id="flags"),
+    ],
+)
+def test_bad_file_headers(header: bytes, message: str) -> None:
+    with pytest.raises(logfile.SegmentFormatError, match=message):
+        logfile.check_file_header(header)
+
+
+def test_segment_image_and_names(tmp_path: Path) -> None:
+    names = [logfile.segment_name("w0", s) for s in (0, 9, 10, 123456789012)]
+    assert names == sorted(names)
+    path = tmp_path / names[0]
+    path.write_bytes(image(frame_batch(0, 0, [b"q"])))
+    (tmp_path / "other.txt").write_text("x")
+    assert logfile.list_segments(tmp_path) == [path]
+    with logfile.SegmentImage(path) as seg:
+        assert [b.tokens for b in seg.batches() if isinstance(b, Batch)] == [[b"q"]]
+    empty = tmp_path / names[1]
+    empty.write_bytes(FILE_HEADER_BYTES)
+    with logfile.SegmentImage(empty) as seg:
+        assert list(seg.batches()) == []
