@@ -28,8 +28,16 @@ class BufferManager:
     the writer reports every one of their records stored.
     """
 
-    def __init__(self, max_records: int, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_records: int,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        whole_requests: bool = False,
+    ) -> None:
         self.max_records = max_records
+        # Durable acks: a batch never splits a request, so a failed batch fails whole requests.
+        self.whole_requests = whole_requests
         self.max_bytes = max_bytes
         self.records = 0  # queued + in flight
         self.bytes = 0
@@ -95,6 +103,12 @@ class BufferManager:
     def _take(self, batch_size: int) -> list[bytes]:
         queue = self._queue
         n = min(batch_size, len(queue))
+        if self.whole_requests:
+            target = self._taken + n
+            for end, _ in self._arrivals:
+                if end >= target:
+                    n = end - self._taken
+                    break
         batch = [queue.popleft() for _ in range(n)]
         self._taken += n
         arrivals = self._arrivals
@@ -113,14 +127,25 @@ class BufferManager:
 
     def stored(self, batch: list[bytes]) -> None:
         """The writer stored `batch` (the oldest taken records): free its room, resolve acks."""
+        self._finish(batch, None)
+
+    def discard(self, batch: list[bytes], exc: BaseException) -> None:
+        """The writer gave up on `batch`: free its room and fail the acks of its requests."""
+        self._finish(batch, exc)
+
+    def _finish(self, batch: list[bytes], exc: BaseException | None) -> None:
         self.records -= len(batch)
         self.bytes -= sum(map(len, batch))
         self._stored += len(batch)
         acks = self._acks
         while acks and acks[0][0] <= self._stored:
             future = acks.popleft()[1]
-            if not future.done():
+            if future.done():
+                continue
+            if exc is None:
                 future.set_result(None)
+            else:
+                future.set_exception(exc)
 
     def fail_acks(self, exc: BaseException) -> None:
         """Fail every pending ack (the writer died), so no caller waits forever."""

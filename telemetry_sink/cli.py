@@ -57,25 +57,14 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .buffer import BufferManager
     from .http_server import create_app
-    from .log_writer import LogWriter
-    from .rate_limiter import RateLimiter
     from .service import TelemetryService
 
     _setup_logging(args.log_level)
     config = _load(args.config)
     crypto = CryptoService.from_config(config.crypto.key_file)
-    w = config.writer
-    writer = LogWriter(w.directory, crypto, batch_size=w.batch_size, flush_interval_ms=w.flush_interval_ms,
-                       fsync=w.fsync, fsync_interval_ms=w.fsync_interval_ms, max_segment_bytes=w.max_segment_bytes)
-    writer.open()
-    rl = config.rate_limit
-    service = TelemetryService(
-        RateLimiter(rl.bytes_per_second, rl.burst_bytes, rl.mode, rl.max_delay_ms / 1000),
-        BufferManager(config.buffer.max_records, config.buffer.max_bytes),
-        writer,
-    )
+    service = TelemetryService.from_config(config, crypto)
+    service.writer.open()
     app = create_app(service, config.ingest.max_body_bytes, config.server.shutdown_timeout_s)
     log.info("speedups implementation: %s; config: %s", speedups.IMPLEMENTATION, config.source or "defaults")
 

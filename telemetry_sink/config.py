@@ -68,6 +68,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
     },
     "ingest": {
         "max_body_bytes": (_positive_int, "1048576"),
+        "ack": (_choice("buffered", "durable"), "buffered"),
     },
     "rate_limit": {
         "bytes_per_second": (_non_negative_int, "33554432"),
@@ -86,6 +87,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "fsync": (_choice("batch", "interval", "never"), "interval"),
         "fsync_interval_ms": (_positive_int, "1000"),
         "max_segment_bytes": (_positive_int, "134217728"),
+        "max_segment_age_s": (_non_negative_int, "3600"),
+        "retention_bytes": (_non_negative_int, "0"),
+        "retention_days": (_non_negative_int, "0"),
     },
     "crypto": {
         "key_file": (_text, "./dev.key"),
@@ -103,6 +107,7 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
     max_body_bytes: int
+    ack: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,9 @@ class WriterConfig:
     fsync: str
     fsync_interval_ms: int
     max_segment_bytes: int
+    max_segment_age_s: int
+    retention_bytes: int
+    retention_days: int
 
 
 @dataclass(frozen=True, slots=True)

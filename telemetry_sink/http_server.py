@@ -192,7 +192,9 @@ _INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
     415: _response("Unsupported Content-Type", _ERROR_SCHEMA),
     422: _response("A record is invalid (index names the first); nothing was stored", _ERROR_SCHEMA),
     429: _response("The global rate limit is exceeded", _ERROR_SCHEMA, retry_after=True),
-    503: _response("The buffer is full or the server is shutting down", _ERROR_SCHEMA, retry_after=True),
+    503: _response("The buffer is full, the log cannot be written, or the server is shutting down",
+                   _ERROR_SCHEMA, retry_after=True),
+    507: _response("The log disk is full; nothing of this request was stored", _ERROR_SCHEMA, retry_after=True),
 }
 
 

@@ -36,7 +36,9 @@ class WriterStats:
     records: int = 0
     bytes: int = 0
     write_errors: int = 0
-    last_error: str | None = None
+    segments_deleted: int = 0
+    last_error: str | None = None  # set while writes are failing, cleared by the next success
+    last_errno: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,7 @@ class Recovery:
     segment: Path | None
     next_seq: int
     cut_bytes: int
+    first_created_ms: int | None = None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -81,23 +84,26 @@ def recover_series(directory: Path, series: str) -> Recovery:
         return Recovery(newest, name_seq, size)
     next_seq = name_seq
     cut_at: int | None = None
+    first_created_ms: int | None = None
     with logfile.SegmentImage(newest) as image:
         for item in image.batches():
             if isinstance(item, logfile.Batch):
                 next_seq = item.next_seq
+                if first_created_ms is None:
+                    first_created_ms = item.created_ms
             elif item.kind == "torn":
                 cut_at = item.offset
             else:
                 log.warning("segment %s: corrupt bytes %d..%d left in place (%s)", newest, item.offset,
                             item.end, item.detail)
     if cut_at is None:
-        return Recovery(newest, next_seq, 0)
+        return Recovery(newest, next_seq, 0, first_created_ms)
     with open(newest, "r+b") as f:
         f.truncate(cut_at)
         os.fsync(f.fileno())
     log.warning("segment %s ended in a torn batch: cut %d bytes at offset %d; next sequence number %d",
                 newest, size - cut_at, cut_at, next_seq)
-    return Recovery(newest, next_seq, size - cut_at)
+    return Recovery(newest, next_seq, size - cut_at, first_created_ms)
 
 
 class LogWriter:
@@ -113,6 +119,10 @@ class LogWriter:
         fsync: str,
         fsync_interval_ms: int,
         max_segment_bytes: int,
+        max_segment_age_s: int = 0,
+        retention_bytes: int = 0,
+        retention_days: int = 0,
+        durable: bool = False,
         slots: int = 1,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
@@ -123,6 +133,12 @@ class LogWriter:
         self.fsync_policy = fsync
         self.fsync_interval_s = fsync_interval_ms / 1000
         self.max_segment_bytes = max_segment_bytes
+        self.max_segment_age_s = max_segment_age_s
+        self.retention_bytes = retention_bytes
+        self.retention_days = retention_days
+        # Durable acks: fsync every batch (one fsync serves every request in it, a group
+        # commit) and fail a batch's requests instead of retrying it.
+        self.durable = durable
         self.slots = slots
         self.stats = WriterStats()
         self.series: str | None = None
@@ -134,6 +150,7 @@ class LogWriter:
         self._fd: int | None = None
         self._segment: Path | None = None
         self._size = 0
+        self._segment_born = 0.0  # wall time of the active segment's first batch
         self._dirty = False
         self._last_fsync = 0.0
 
@@ -160,6 +177,8 @@ class LogWriter:
         self.next_seq = recovery.next_seq
         if recovery.segment is not None and recovery.segment.stat().st_size < self.max_segment_bytes:
             self._open_segment(recovery.segment, create=False)
+            if recovery.first_created_ms is not None:
+                self._segment_born = recovery.first_created_ms / 1000
         return recovery
 
     def _open_segment(self, path: Path, create: bool) -> None:
@@ -172,6 +191,7 @@ class LogWriter:
             log.info("opened segment %s", path.name)
         self._fd, self._segment = fd, path
         self._size = os.fstat(fd).st_size
+        self._segment_born = time.time()
 
     def _seal(self) -> None:
         if self._fd is None:
@@ -193,7 +213,10 @@ class LogWriter:
 
     def _write_batch(self, records: list[bytes]) -> None:
         assert self.series is not None, "open() first"
-        data = self._framer.frame(self.next_seq, int(time.time() * 1000), records)
+        now = time.time()
+        data = self._framer.frame(self.next_seq, int(now * 1000), records)
+        if self._fd is not None and self._too_old(now):
+            self._seal()
         if self._fd is None:
             self._open_segment(self.directory / logfile.segment_name(self.series, self.next_seq), create=True)
         assert self._fd is not None
@@ -206,10 +229,11 @@ class LogWriter:
         self._dirty = True
         self.next_seq += len(records)
         due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
-        if self.fsync_policy == "batch" or due:
+        if self.durable or self.fsync_policy == "batch" or due:
             self._fsync()
         if self._size >= self.max_segment_bytes:
             self._seal()
+            self._apply_retention()
         self.stats.batches += 1
         self.stats.records += len(records)
         self.stats.bytes += len(data)
@@ -226,6 +250,40 @@ class LogWriter:
             os.close(self._fd)
             self._fd, self._segment = None, None
 
+    def _too_old(self, now: float) -> bool:
+        return self.max_segment_age_s > 0 and now - self._segment_born >= self.max_segment_age_s
+
+    def _apply_retention(self) -> None:
+        """Delete this series' oldest sealed segments beyond the size or age budget."""
+        if not (self.retention_bytes or self.retention_days) or self.series is None:
+            return
+        mine = [p for p in logfile.list_segments(self.directory) if p.name.startswith(self.series + "-")]
+        sizes = {p: p.stat().st_size for p in mine}
+        total = sum(sizes.values())
+        budget = self.retention_bytes / self.slots  # workers share the budget evenly
+        cutoff = time.time() - self.retention_days * 86400
+        for path in mine:
+            if path == self._segment:
+                break  # never the active segment (always the newest)
+            too_big = self.retention_bytes > 0 and total > budget
+            too_old = self.retention_days > 0 and path.stat().st_mtime < cutoff
+            if not (too_big or too_old):
+                break
+            path.unlink()
+            total -= sizes[path]
+            self.stats.segments_deleted += 1
+            log.info("retention: deleted segment %s (%d bytes, %s)", path.name, sizes[path],
+                     "over retention_bytes" if too_big else "older than retention_days")
+
+    def _housekeeping(self) -> None:
+        """Periodic, on the writer thread: fsync an idle tail, seal an aged segment, retention."""
+        if self.fsync_policy == "interval" and self._dirty and \
+                time.monotonic() - self._last_fsync >= self.fsync_interval_s:
+            self._fsync()
+        if self._fd is not None and self._too_old(time.time()):
+            self._seal()
+        self._apply_retention()
+
     def _fsync(self) -> None:
         if self._fd is not None and self._dirty:
             os.fsync(self._fd)
@@ -237,7 +295,7 @@ class LogWriter:
     async def run(self, buffer: BufferManager) -> None:
         """Write batches until the buffer is closed and drained; then fsync and close."""
         loop = asyncio.get_running_loop()
-        ticker = asyncio.create_task(self._fsync_ticker()) if self.fsync_policy == "interval" else None
+        ticker = asyncio.create_task(self._ticker())
         backoff = _BACKOFF_MIN_S
         try:
             while True:
@@ -248,19 +306,28 @@ class LogWriter:
                     await loop.run_in_executor(self._executor, self._write_batch, batch)
                 except OSError as exc:
                     self.stats.write_errors += 1
+                    self.stats.last_errno = exc.errno
                     self.stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
-                    log.error("write of %d records failed (%s); retrying in %.2fs", len(batch),
-                              self.stats.last_error, backoff)
-                    buffer.requeue(batch)
+                    if self.durable:
+                        # Nobody got a 202 for these: fail their requests rather than retry.
+                        log.error("write of %d records failed (%s); failing their requests", len(batch),
+                                  self.stats.last_error)
+                        buffer.discard(batch, exc)
+                    else:
+                        # These were acknowledged: keep them and retry until the disk recovers.
+                        log.error("write of %d records failed (%s); retrying in %.2fs", len(batch),
+                                  self.stats.last_error, backoff)
+                        buffer.requeue(batch)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX_S)
                     continue
+                if self.stats.last_error is not None:
+                    log.warning("writes succeed again after %s", self.stats.last_error)
+                    self.stats.last_error = self.stats.last_errno = None
                 backoff = _BACKOFF_MIN_S
-                self.stats.last_error = None
                 buffer.stored(batch)
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            ticker.cancel()
             await loop.run_in_executor(self._executor, self._seal_quietly)
 
     def _seal_quietly(self) -> None:
@@ -269,13 +336,13 @@ class LogWriter:
         except OSError as exc:
             log.error("final fsync/close of %s failed: %s", self._segment, exc)
 
-    async def _fsync_ticker(self) -> None:
-        """With fsync = interval, make sure the last batch is fsynced within the interval."""
+    async def _ticker(self) -> None:
+        """Run housekeeping on the writer thread at least once a second."""
         loop = asyncio.get_running_loop()
+        interval = min(1.0, self.fsync_interval_s)
         while True:
-            await asyncio.sleep(self.fsync_interval_s)
-            if self._dirty:
-                try:
-                    await loop.run_in_executor(self._executor, self._fsync)
-                except OSError as exc:
-                    log.error("fsync of %s failed: %s", self._segment, exc)
+            await asyncio.sleep(interval)
+            try:
+                await loop.run_in_executor(self._executor, self._housekeeping)
+            except OSError as exc:
+                log.error("housekeeping in %s failed: %s", self.directory, exc)

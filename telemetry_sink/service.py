@@ -5,6 +5,7 @@ writer task's lifecycle. The HTTP adapter maps its results and IngestError to re
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from typing import Any
 import orjson
 
 from .buffer import BufferClosed, BufferFull, BufferManager
+from .config import Config
+from .crypto import CryptoService
 from .log_writer import LogWriter
 from .rate_limiter import RateLimited, RateLimiter
 
@@ -21,6 +24,8 @@ log = logging.getLogger("telemetry_sink.service")
 MAX_NODE_ID_CHARS = 128
 FORMATS = ("json", "ndjson")
 _MISSING = object()
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+WRITE_FAILED_RETRY_AFTER = "2"
 
 
 class IngestError(Exception):
@@ -52,6 +57,15 @@ class IngestError(Exception):
 
 def _invalid(index: int, detail: str) -> IngestError:
     return IngestError(422, "invalid_record", detail, index=index)
+
+
+def _storage_error(err: int | None, what: str) -> IngestError:
+    """507 when the disk is full, else 503: the log cannot be written right now."""
+    if err in _DISK_FULL:
+        return IngestError(507, "insufficient_storage", f"the log disk is full ({what})",
+                           retry_after=WRITE_FAILED_RETRY_AFTER)
+    return IngestError(503, "write_failed", f"the log cannot be written ({what})",
+                       retry_after=WRITE_FAILED_RETRY_AFTER)
 
 
 def parse_body(body: bytes, fmt: str) -> list[Any]:
@@ -118,10 +132,12 @@ class TelemetryService:
         buffer: BufferManager,
         writer: LogWriter,
         wall_clock: Callable[[], float] = time.time,
+        durable: bool = False,
     ) -> None:
         self.rate_limiter = rate_limiter
         self.buffer = buffer
         self.writer = writer
+        self.durable = durable
         self.closing = False
         self._wall_clock = wall_clock
         self._writer_task: asyncio.Task[None] | None = None
@@ -130,6 +146,10 @@ class TelemetryService:
         """Store every record of one request, or none; return how many. Raises IngestError."""
         if self.closing:
             raise IngestError(503, "shutting_down", "the server is shutting down")
+        failing = self.writer.stats.last_error
+        if failing is not None:
+            # Refuse new records while the disk refuses ours; accepted ones are retried.
+            raise _storage_error(self.writer.stats.last_errno, failing)
         received_at = self._wall_clock()
         try:
             wait = self.rate_limiter.admit(len(body) if wire_bytes is None else wire_bytes)
@@ -140,13 +160,39 @@ class TelemetryService:
             await asyncio.sleep(wait)
         plaintexts, nbytes = encode_records(parse_body(body, fmt), received_at)
         try:
-            self.buffer.put(plaintexts, nbytes)
+            ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable)
         except BufferFull:
             raise IngestError(503, "buffer_full", "the write buffer is full; retry later",
                               retry_after=BufferFull.retry_after_header) from None
         except BufferClosed:
             raise IngestError(503, "shutting_down", "the server is shutting down") from None
+        if ack is not None:
+            try:
+                await ack
+            except OSError as exc:
+                raise _storage_error(exc.errno, f"{exc.__class__.__name__}: {exc.strerror or exc}") from None
+            except Exception as exc:  # the writer died: nothing of this request is stored
+                raise IngestError(503, "write_failed", f"the writer stopped ({exc})",
+                                  retry_after=WRITE_FAILED_RETRY_AFTER) from None
         return len(plaintexts)
+
+    @classmethod
+    def from_config(cls, config: Config, crypto: CryptoService, slots: int = 1) -> TelemetryService:
+        """Wire the components as `serve` runs them; the writer still has to be open()ed."""
+        w, rl = config.writer, config.rate_limit
+        durable = config.ingest.ack == "durable"
+        writer = LogWriter(
+            w.directory, crypto, batch_size=w.batch_size, flush_interval_ms=w.flush_interval_ms, fsync=w.fsync,
+            fsync_interval_ms=w.fsync_interval_ms, max_segment_bytes=w.max_segment_bytes,
+            max_segment_age_s=w.max_segment_age_s, retention_bytes=w.retention_bytes,
+            retention_days=w.retention_days, durable=durable, slots=slots,
+        )
+        return cls(
+            RateLimiter(rl.bytes_per_second / slots, rl.burst_bytes / slots, rl.mode, rl.max_delay_ms / 1000),
+            BufferManager(config.buffer.max_records, config.buffer.max_bytes, whole_requests=durable),
+            writer,
+            durable=durable,
+        )
 
     @property
     def writer_alive(self) -> bool:

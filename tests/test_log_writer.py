@@ -166,19 +166,27 @@ async def test_fsync_policy(tmp_path: Path, crypto: CryptoService, monkeypatch: 
     assert len(calls) == expected + 3  # sealing at shutdown always fsyncs
 
 
-async def test_interval_policy_fsyncs_an_idle_tail(tmp_path: Path, crypto: CryptoService,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    writer = make_writer(tmp_path, crypto, fsync="interval", fsync_interval_ms=100)
+async def test_interval_policy_fsyncs_an_idle_tail(tmp_path: Path, crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto, fsync="interval", fsync_interval_ms=300, batch_size=1)
     writer.open()
-    writer._last_fsync = float("inf")  # no fsync on the write path: only the ticker may do it
     buf = BufferManager(1000, 1 << 20)
     task = asyncio.create_task(writer.run(buf))
-    buf.put([b"x"], 1)
+    buf.put([b"x"], 1)  # the first batch is fsynced at once (no fsync for 300 ms yet)
     for _ in range(300):
-        if writer.stats.batches and not writer._dirty:
+        if writer.stats.batches == 1:
+            break
+        await asyncio.sleep(0.005)
+    buf.put([b"y"], 1)  # the second one, right after, is not: the interval has not passed
+    for _ in range(300):
+        if writer.stats.batches == 2:
+            break
+        await asyncio.sleep(0.005)
+    assert writer._dirty
+    for _ in range(300):  # nothing else is written: the ticker must fsync the idle tail
+        if not writer._dirty:
             break
         await asyncio.sleep(0.01)
-    assert writer.stats.batches == 1 and not writer._dirty
+    assert not writer._dirty
     buf.close()
     await task
     writer.close()
