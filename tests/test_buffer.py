@@ -113,3 +113,25 @@ async def test_close_refuses_puts_and_drains_then_returns_empty() -> None:
         buf.put(recs(1), 10)
     assert await asyncio.wait_for(buf.next_batch(10, linger_s=60), 5) == recs(2)  # no linger once closed
     assert await asyncio.wait_for(buf.next_batch(10, linger_s=60), 5) == []
+
+
+async def test_whole_requests_mode_never_splits_a_request() -> None:
+    buf = BufferManager(100, 10**6, whole_requests=True)
+    buf.put(recs(3), 30)
+    buf.put(recs(4), 40)
+    buf.put(recs(2), 20)
+    assert len(await buf.next_batch(5, linger_s=0)) == 7  # 3 + all 4 of the second request
+    assert len(await buf.next_batch(5, linger_s=0)) == 2
+
+
+async def test_discard_fails_exactly_the_batch_requests() -> None:
+    buf = BufferManager(100, 10**6, whole_requests=True)
+    first = buf.put(recs(2), 20, want_ack=True)
+    second = buf.put(recs(2), 20, want_ack=True)
+    assert first is not None and second is not None
+    buf.discard(await buf.next_batch(2, linger_s=0), OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space"):
+        await first
+    assert not second.done() and buf.records == 2
+    buf.stored(await buf.next_batch(2, linger_s=0))
+    await second

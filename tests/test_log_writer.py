@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,91 @@ async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypt
     writer.close()
     assert writer.stats.write_errors == 3
     assert read_all(tmp_path, crypto) == list(enumerate(records))
+
+
+async def test_durable_writer_fsyncs_every_batch_and_fails_requests_on_error(
+        tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = make_writer(tmp_path, crypto, fsync="never", durable=True, batch_size=2)
+    writer.open()
+    fail = {"on": False}
+    real_write_all = log_writer._write_all
+
+    def maybe_failing(fd: int, data: bytes) -> None:
+        if fail["on"] and len(data) > 16:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(log_writer, "_write_all", maybe_failing)
+    buf = BufferManager(100, 1 << 20, whole_requests=True)
+    task = asyncio.create_task(writer.run(buf))
+    ok = buf.put([b"a", b"b"], 2, want_ack=True)
+    assert ok is not None
+    await asyncio.wait_for(ok, 5)
+    assert not writer._dirty  # fsynced before the ack, whatever the fsync policy says
+    fail["on"] = True
+    doomed = buf.put([b"c", b"d"], 2, want_ack=True)
+    assert doomed is not None
+    with pytest.raises(OSError):
+        await asyncio.wait_for(doomed, 5)
+    assert writer.stats.last_errno == errno.ENOSPC and buf.records == 0
+    fail["on"] = False
+    later = buf.put([b"e"], 1, want_ack=True)
+    assert later is not None
+    await asyncio.wait_for(later, 10)
+    assert writer.stats.last_error is None
+    buf.close()
+    await task
+    writer.close()
+    assert read_all(tmp_path, crypto) == [(0, b"a"), (1, b"b"), (2, b"e")]  # the failed request left nothing
+
+
+async def test_segment_rolls_on_age(tmp_path: Path, crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto, max_segment_age_s=1, batch_size=1)
+    writer.open()
+    buf = BufferManager(100, 1 << 20)
+    task = asyncio.create_task(writer.run(buf))
+    buf.put([b"old"], 3)
+    for _ in range(400):  # the ticker seals it once it is a second old, even with no new batch
+        if writer._fd is None and writer.stats.batches == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert writer._fd is None
+    buf.put([b"new"], 3)
+    buf.close()
+    await task
+    writer.close()
+    assert len(logfile.list_segments(tmp_path)) == 2
+    assert read_all(tmp_path, crypto) == [(0, b"old"), (1, b"new")]
+
+
+async def test_retention_deletes_oldest_sealed_segments_first(tmp_path: Path, crypto: CryptoService,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    writer = make_writer(tmp_path, crypto, batch_size=5, max_segment_bytes=1500, retention_bytes=4000)
+    writer.open()
+    with caplog.at_level(logging.INFO, logger="telemetry_sink.writer"):
+        await write_records(writer, [b"r%04d" % i * 20 for i in range(200)], per_put=5)
+    writer.close()
+    segments = logfile.list_segments(tmp_path)
+    sizes = [p.stat().st_size for p in segments]
+    assert sum(sizes) - sizes[-1] <= 4000  # what is left of the sealed ones fits the budget
+    assert writer.stats.segments_deleted > 0
+    assert "retention: deleted segment w0-00000000000000000000.tslog" in caplog.text
+    seqs = [seq for seq, _ in read_all(tmp_path, crypto)]
+    assert seqs == list(range(seqs[0], 200)) and seqs[0] > 0  # the newest records survive, in order
+
+
+async def test_retention_by_age_never_deletes_the_active_segment(tmp_path: Path, crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto, batch_size=5, max_segment_bytes=2000, retention_days=1)
+    writer.open()
+    await write_records(writer, [b"x" * 40 for _ in range(35)], per_put=5)
+    writer.close()
+    segments = logfile.list_segments(tmp_path)
+    assert len(segments) > 2
+    for path in segments:  # pretend all of them are two days old
+        os.utime(path, (time.time() - 2 * 86400,) * 2)
+    writer = make_writer(tmp_path, crypto, batch_size=5, max_segment_bytes=2000, retention_days=1)
+    assert writer.open().segment == segments[-1]  # not full: the writer appends to it again
+    writer._apply_retention()
+    writer.close()
+    left = logfile.list_segments(tmp_path)
+    assert left == segments[-1:]  # the one a writer appends to is kept
