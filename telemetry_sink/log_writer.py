@@ -32,6 +32,8 @@ class WriterLockedError(RuntimeError):
 
 @dataclass(slots=True)
 class WriterStats:
+    """Counters and the current write-failure state (shown on /healthz)."""
+
     batches: int = 0
     records: int = 0
     bytes: int = 0
@@ -39,6 +41,7 @@ class WriterStats:
     segments_deleted: int = 0
     last_error: str | None = None  # set while writes are failing, cleared by the next success
     last_errno: int | None = None
+    retry_at: float = 0.0  # time.monotonic() of the next write attempt after a failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +311,7 @@ class LogWriter:
                     self.stats.write_errors += 1
                     self.stats.last_errno = exc.errno
                     self.stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
+                    self.stats.retry_at = time.monotonic() + backoff
                     if self.durable:
                         # Nobody got a 202 for these: fail their requests rather than retry.
                         log.error("write of %d records failed (%s); failing their requests", len(batch),

@@ -146,10 +146,12 @@ class TelemetryService:
         """Store every record of one request, or none; return how many. Raises IngestError."""
         if self.closing:
             raise IngestError(503, "shutting_down", "the server is shutting down")
-        failing = self.writer.stats.last_error
-        if failing is not None:
-            # Refuse new records while the disk refuses ours; accepted ones are retried.
-            raise _storage_error(self.writer.stats.last_errno, failing)
+        stats = self.writer.stats
+        if stats.last_error is not None and (not self.durable or time.monotonic() < stats.retry_at):
+            # Refuse new records while the disk refuses ours. Buffered: the writer keeps
+            # retrying what it holds. Durable: it holds nothing, so after the back-off the
+            # next request is let through to probe the disk.
+            raise _storage_error(stats.last_errno, stats.last_error)
         received_at = self._wall_clock()
         try:
             wait = self.rate_limiter.admit(len(body) if wire_bytes is None else wire_bytes)

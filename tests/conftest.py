@@ -112,7 +112,8 @@ class ServerProcess:
         return self.wait()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
 

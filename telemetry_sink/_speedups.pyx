@@ -1,0 +1,494 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, embedsignature=True
+"""Compiled hot path: the token bucket and the batch framer (Fernet + TSB1) in C.
+
+Behaviour matches the pure-Python twin `telemetry_sink._speedups_py`; see docs/speedups.md.
+Needs OpenSSL >= 3.0 (libcrypto: RAND_bytes, EVP cipher, EVP_MAC) and zlib (crc32).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport uint32_t, uint64_t
+from libc.math cimport INFINITY
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+cimport cython
+
+# Refuse to build against OpenSSL 1.x: EVP_MAC and EVP_EncryptInit_ex2 are 3.0 APIs, and
+# a compile error here makes setup.py fall back to the twin with a clear warning.
+cdef extern from *:
+    """
+    #include <openssl/opensslv.h>
+    #if OPENSSL_VERSION_NUMBER < 0x30000000L
+    #error "telemetry_sink._speedups needs OpenSSL 3.0 or newer"
+    #endif
+    """
+
+cdef extern from "openssl/crypto.h" nogil:
+    const char *OpenSSL_version(int t)
+    int _OSSL_VERSION_TYPE "OPENSSL_VERSION"
+
+cdef extern from "openssl/err.h" nogil:
+    unsigned long ERR_get_error()
+    void ERR_error_string_n(unsigned long e, char *buf, size_t length)
+    void ERR_clear_error()
+
+cdef extern from "openssl/rand.h" nogil:
+    int RAND_bytes(unsigned char *buf, int num)
+
+cdef extern from "openssl/params.h" nogil:
+    ctypedef struct OSSL_PARAM:
+        const char *key
+    OSSL_PARAM OSSL_PARAM_construct_utf8_string(const char *key, char *buf, size_t bsize)
+    OSSL_PARAM OSSL_PARAM_construct_end()
+
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct OSSL_LIB_CTX
+    ctypedef struct EVP_CIPHER
+    ctypedef struct EVP_CIPHER_CTX
+    ctypedef struct EVP_MAC
+    ctypedef struct EVP_MAC_CTX
+    EVP_CIPHER *EVP_CIPHER_fetch(OSSL_LIB_CTX *ctx, const char *algorithm, const char *properties)
+    void EVP_CIPHER_free(EVP_CIPHER *cipher)
+    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
+    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
+    int EVP_EncryptInit_ex2(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, const unsigned char *key,
+                            const unsigned char *iv, const OSSL_PARAM *params)
+    int EVP_EncryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
+                          const unsigned char *inp, int inl)
+    int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
+    EVP_MAC *EVP_MAC_fetch(OSSL_LIB_CTX *libctx, const char *algorithm, const char *properties)
+    void EVP_MAC_free(EVP_MAC *mac)
+    EVP_MAC_CTX *EVP_MAC_CTX_new(EVP_MAC *mac)
+    void EVP_MAC_CTX_free(EVP_MAC_CTX *ctx)
+    int EVP_MAC_init(EVP_MAC_CTX *ctx, const unsigned char *key, size_t keylen, const OSSL_PARAM *params)
+    int EVP_MAC_update(EVP_MAC_CTX *ctx, const unsigned char *data, size_t datalen)
+    int EVP_MAC_final(EVP_MAC_CTX *ctx, unsigned char *out, size_t *outl, size_t outsize)
+
+cdef extern from "zlib.h" nogil:
+    unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int length)
+
+
+IMPLEMENTATION = "compiled"
+OPENSSL_VERSION = OpenSSL_version(_OSSL_VERSION_TYPE).decode("ascii", "replace")
+
+
+class OpenSSLError(RuntimeError):
+    """An OpenSSL call failed; no output was produced."""
+
+
+# --- TSB1 / Fernet layout constants (see telemetry_sink/logfile.py and the Fernet spec) ---
+cdef enum:
+    BATCH_HEADER_SIZE = 12      # "TSB1", u32 body length, u32 crc32(body)
+    BODY_HEADER_SIZE = 20       # u64 first_seq, u32 count, u64 created_ms
+    KEY_SIZE = 16
+    IV_SIZE = 16
+    BLOCK = 16
+    MAC_SIZE = 32
+    TOKEN_PREFIX = 25           # version byte, u64 timestamp, IV
+
+cdef extern from *:
+    """
+    #define TS_U32_MAX ((uint64_t)0xFFFFFFFFu)
+    /* EVP_EncryptUpdate takes an int length; leave room for the padding block. */
+    #define TS_MAX_RECORD ((size_t)(0x7FFFFFFF - 32))
+    """
+    const uint64_t U32_MAX "TS_U32_MAX"
+    const size_t MAX_RECORD "TS_MAX_RECORD"
+
+cdef const char *_B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+# Steps of the nogil loop, so a failure names the OpenSSL call that failed.
+cdef enum _Step:
+    STEP_OK = 0
+    STEP_RAND = 1
+    STEP_CIPHER_INIT = 2
+    STEP_CIPHER_UPDATE = 3
+    STEP_CIPHER_FINAL = 4
+    STEP_MAC_INIT = 5
+    STEP_MAC_UPDATE = 6
+    STEP_MAC_FINAL = 7
+    STEP_LENGTH = 8
+
+_STEP_NAMES = {
+    STEP_RAND: "RAND_bytes",
+    STEP_CIPHER_INIT: "EVP_EncryptInit_ex2",
+    STEP_CIPHER_UPDATE: "EVP_EncryptUpdate",
+    STEP_CIPHER_FINAL: "EVP_EncryptFinal_ex",
+    STEP_MAC_INIT: "EVP_MAC_init",
+    STEP_MAC_UPDATE: "EVP_MAC_update",
+    STEP_MAC_FINAL: "EVP_MAC_final",
+    STEP_LENGTH: "output length check",
+}
+
+ctypedef struct _Record:
+    const unsigned char *data
+    size_t length
+
+
+cdef object _openssl_error(str what):
+    """Build an OpenSSLError from the thread's OpenSSL error queue (and empty the queue)."""
+    cdef char buf[256]
+    cdef unsigned long code = ERR_get_error()
+    detail = "no OpenSSL error queued"
+    if code != 0:
+        ERR_error_string_n(code, buf, sizeof(buf))
+        detail = buf.decode("ascii", "replace")
+    ERR_clear_error()
+    return OpenSSLError(f"{what} failed: {detail}")
+
+
+cdef inline void _put_u32(unsigned char *p, uint32_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+
+
+cdef inline void _put_u64(unsigned char *p, uint64_t v) noexcept nogil:
+    _put_u32(p, <uint32_t>(v >> 32))
+    _put_u32(p + 4, <uint32_t>v)
+
+
+cdef inline size_t _ciphertext_size(size_t n) noexcept nogil:
+    # PKCS7 always adds 1..16 bytes, so a whole-block plaintext gains a full block.
+    return (n // BLOCK + 1) * BLOCK
+
+
+cdef inline size_t _b64_size(size_t n) noexcept nogil:
+    return (n + 2) // 3 * 4
+
+
+cdef size_t _b64url_encode(const unsigned char *src, size_t n, unsigned char *dst) noexcept nogil:
+    """URL-safe base64 with `=` padding and no newlines (what base64.urlsafe_b64encode gives)."""
+    cdef size_t i = 0
+    cdef size_t o = 0
+    cdef uint32_t v
+    while i + 3 <= n:
+        v = (<uint32_t>src[i] << 16) | (<uint32_t>src[i + 1] << 8) | src[i + 2]
+        dst[o] = _B64URL[(v >> 18) & 63]
+        dst[o + 1] = _B64URL[(v >> 12) & 63]
+        dst[o + 2] = _B64URL[(v >> 6) & 63]
+        dst[o + 3] = _B64URL[v & 63]
+        i += 3
+        o += 4
+    if n - i == 1:
+        v = <uint32_t>src[i] << 16
+        dst[o] = _B64URL[(v >> 18) & 63]
+        dst[o + 1] = _B64URL[(v >> 12) & 63]
+        dst[o + 2] = b'='
+        dst[o + 3] = b'='
+        o += 4
+    elif n - i == 2:
+        v = (<uint32_t>src[i] << 16) | (<uint32_t>src[i + 1] << 8)
+        dst[o] = _B64URL[(v >> 18) & 63]
+        dst[o + 1] = _B64URL[(v >> 12) & 63]
+        dst[o + 2] = _B64URL[(v >> 6) & 63]
+        dst[o + 3] = b'='
+        o += 4
+    return o
+
+
+cdef int _frame_into(EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *mctx, uint64_t seq, uint64_t created_ms,
+                     const _Record *recs, size_t n, unsigned char *ivs, unsigned char *scratch,
+                     unsigned char *out, size_t body_size) noexcept nogil:
+    """Fill `out` (BATCH_HEADER_SIZE + body_size bytes); return STEP_OK or the failing step."""
+    cdef size_t i
+    cdef size_t ct_size
+    cdef size_t raw_size
+    cdef size_t mac_len = 0
+    cdef int out1 = 0
+    cdef int out2 = 0
+    cdef unsigned char *pos = out + BATCH_HEADER_SIZE + BODY_HEADER_SIZE
+    cdef unsigned char *end = out + BATCH_HEADER_SIZE + body_size
+    cdef const unsigned char *iv
+
+    # All IVs for the batch in one call: fresh CSPRNG output, one IV per token. Fits an int:
+    # a token takes >= 104 body bytes and the body is < 2**32, so n * 16 < 2**30.
+    if n > 0 and RAND_bytes(ivs, <int>(n * IV_SIZE)) != 1:
+        return STEP_RAND
+
+    scratch[0] = 0x80  # Fernet version
+    _put_u64(scratch + 1, created_ms // 1000)
+    for i in range(n):
+        iv = ivs + i * IV_SIZE
+        ct_size = _ciphertext_size(recs[i].length)
+        raw_size = TOKEN_PREFIX + ct_size + MAC_SIZE
+        memcpy(scratch + 9, iv, IV_SIZE)
+        if EVP_EncryptInit_ex2(cctx, NULL, NULL, iv, NULL) != 1:
+            return STEP_CIPHER_INIT
+        if EVP_EncryptUpdate(cctx, scratch + TOKEN_PREFIX, &out1, recs[i].data, <int>recs[i].length) != 1:
+            return STEP_CIPHER_UPDATE
+        if EVP_EncryptFinal_ex(cctx, scratch + TOKEN_PREFIX + out1, &out2) != 1:
+            return STEP_CIPHER_FINAL
+        if <size_t>(out1 + out2) != ct_size:
+            return STEP_LENGTH
+        if EVP_MAC_init(mctx, NULL, 0, NULL) != 1:
+            return STEP_MAC_INIT
+        if EVP_MAC_update(mctx, scratch, TOKEN_PREFIX + ct_size) != 1:
+            return STEP_MAC_UPDATE
+        if EVP_MAC_final(mctx, scratch + TOKEN_PREFIX + ct_size, &mac_len, MAC_SIZE) != 1:
+            return STEP_MAC_FINAL
+        if mac_len != MAC_SIZE:
+            return STEP_LENGTH
+        # Sizes were computed from the same immutable records in pass 1; re-check anyway
+        # so a bug there can never write past the end of the result.
+        if pos + 4 + _b64_size(raw_size) > end:
+            return STEP_LENGTH
+        _put_u32(pos, <uint32_t>_b64_size(raw_size))
+        pos += 4
+        pos += _b64url_encode(scratch, raw_size, pos)
+    if pos != end:
+        return STEP_LENGTH
+
+    _put_u64(out + BATCH_HEADER_SIZE, seq)
+    _put_u32(out + BATCH_HEADER_SIZE + 8, <uint32_t>n)
+    _put_u64(out + BATCH_HEADER_SIZE + 12, created_ms)
+    memcpy(out, b"TSB1", 4)
+    _put_u32(out + 4, <uint32_t>body_size)
+    # body_size <= U32_MAX was checked, so it fits zlib's unsigned int length.
+    _put_u32(out + 8, <uint32_t>crc32(0, out + BATCH_HEADER_SIZE, <unsigned int>body_size))
+    return STEP_OK
+
+
+@cython.final
+cdef class TokenBucket:
+    """Token bucket: `rate` tokens a second refill up to `capacity`; time is passed in.
+
+    Same float arithmetic, in the same order, as the twin, so results are bit-identical.
+    Not locked: callers serialise access (the GIL does, as no method releases it).
+    """
+
+    cdef public double rate
+    cdef public double capacity
+    cdef public double tokens
+    cdef public double updated
+
+    def __init__(self, double rate, double capacity, double now):
+        if rate <= 0 or capacity <= 0:
+            raise ValueError("rate and capacity must be positive")
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.updated = now
+
+    cdef inline void _refill(self, double now) noexcept:
+        cdef double tokens
+        if now > self.updated:
+            tokens = self.tokens + (now - self.updated) * self.rate
+            # Python's min(capacity, tokens): tokens only when strictly smaller.
+            self.tokens = tokens if tokens < self.capacity else self.capacity
+            self.updated = now
+
+    def refill(self, double now) -> None:
+        """Add the tokens earned since the last call (time never runs backwards here)."""
+        self._refill(now)
+
+    def try_acquire(self, double n, double now) -> bool:
+        """Take `n` tokens if they are there now; return whether it did."""
+        self._refill(now)
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+    cdef inline double _time_until_available(self, double n, double now):
+        self._refill(now)
+        if n > self.capacity:
+            return INFINITY
+        if self.tokens >= n:
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+    def time_until_available(self, double n, double now) -> float:
+        """Seconds until `n` tokens will be there (0.0 if now; inf if n > capacity)."""
+        return self._time_until_available(n, now)
+
+    def reserve(self, double n, double now, double max_wait) -> float:
+        """Take `n` tokens, going into debt, if they are there within `max_wait` seconds.
+
+        Returns the wait (>= 0) the caller must sleep before proceeding, or -1.0 (and
+        takes nothing) when the wait would exceed `max_wait`. Debt queues callers FIFO.
+        """
+        cdef double wait = self._time_until_available(n, now)
+        if wait > max_wait:
+            return -1.0
+        self.tokens -= n
+        return wait
+
+    def __repr__(self) -> str:
+        return (f"TokenBucket(rate={self.rate!r}, capacity={self.capacity!r}, "
+                f"tokens={self.tokens!r}, updated={self.updated!r})")
+
+
+@cython.final
+@cython.auto_pickle(False)  # never serialise the keys
+cdef class BatchFramer:
+    """Encrypts records as standard Fernet tokens and frames them as one TSB1 batch.
+
+    The cipher and MAC contexts are reused across records and calls, and `frame()` runs
+    its loop without the GIL, so an instance must be used by one thread at a time (give
+    each worker thread its own framer). Overlapping calls on one instance are detected
+    and raise RuntimeError rather than corrupting the shared contexts.
+    """
+
+    cdef EVP_CIPHER_CTX *_cipher_ctx
+    cdef EVP_MAC_CTX *_mac_ctx
+    cdef bint _ready
+    cdef bint _busy
+
+    def __cinit__(self):
+        self._cipher_ctx = NULL
+        self._mac_ctx = NULL
+        self._ready = False
+        self._busy = False
+
+    def __init__(self, signing_key, encryption_key):
+        if len(signing_key) != KEY_SIZE or len(encryption_key) != KEY_SIZE:
+            raise ValueError("signing and encryption keys must be 16 bytes each")
+        cdef const unsigned char[::1] sk = signing_key
+        cdef const unsigned char[::1] ek = encryption_key
+        if self._busy:
+            raise RuntimeError("BatchFramer re-initialised while frame() is running")
+        self._ready = False
+        self._free_contexts()
+        self._init_contexts(&sk[0], &ek[0])
+        self._ready = True
+
+    cdef void _free_contexts(self) noexcept:
+        if self._cipher_ctx != NULL:
+            EVP_CIPHER_CTX_free(self._cipher_ctx)
+            self._cipher_ctx = NULL
+        if self._mac_ctx != NULL:
+            EVP_MAC_CTX_free(self._mac_ctx)
+            self._mac_ctx = NULL
+
+    cdef int _init_contexts(self, const unsigned char *signing_key, const unsigned char *encryption_key) except -1:
+        cdef EVP_CIPHER *cipher = NULL
+        cdef EVP_MAC *mac = NULL
+        cdef OSSL_PARAM params[2]
+        try:
+            # Explicit fetches: the implicit ones inside EVP_aes_128_cbc()/HMAC() cost a
+            # provider lookup per call, which dominated small records when measured.
+            cipher = EVP_CIPHER_fetch(NULL, b"AES-128-CBC", NULL)
+            if cipher == NULL:
+                raise _openssl_error("EVP_CIPHER_fetch(AES-128-CBC)")
+            self._cipher_ctx = EVP_CIPHER_CTX_new()
+            if self._cipher_ctx == NULL:
+                raise _openssl_error("EVP_CIPHER_CTX_new")
+            # Key schedule once; each record only re-initialises the IV.
+            if EVP_EncryptInit_ex2(self._cipher_ctx, cipher, encryption_key, NULL, NULL) != 1:
+                raise _openssl_error("EVP_EncryptInit_ex2")
+            mac = EVP_MAC_fetch(NULL, b"HMAC", NULL)
+            if mac == NULL:
+                raise _openssl_error("EVP_MAC_fetch(HMAC)")
+            self._mac_ctx = EVP_MAC_CTX_new(mac)
+            if self._mac_ctx == NULL:
+                raise _openssl_error("EVP_MAC_CTX_new")
+            params[0] = OSSL_PARAM_construct_utf8_string(b"digest", <char *>b"SHA256", 0)
+            params[1] = OSSL_PARAM_construct_end()
+            # Key set once; EVP_MAC_init(ctx, NULL, 0, NULL) per record then reuses it
+            # (0.26 us/MAC against 1.0 us for the one-shot HMAC() on OpenSSL 3.0).
+            if EVP_MAC_init(self._mac_ctx, signing_key, KEY_SIZE, params) != 1:
+                raise _openssl_error("EVP_MAC_init")
+        except BaseException:
+            self._free_contexts()
+            raise
+        finally:
+            # The contexts hold their own references to the algorithm objects.
+            EVP_CIPHER_free(cipher)
+            EVP_MAC_free(mac)
+        return 0
+
+    def __dealloc__(self):
+        # EVP_*_CTX_free cleanse the key schedule and HMAC pads; no key copy is kept here.
+        self._free_contexts()
+
+    def __repr__(self) -> str:
+        return "<telemetry_sink._speedups.BatchFramer>"  # never show key material
+
+    def frame(self, first_seq, created_ms, records) -> bytes:
+        """Return one complete batch; each token carries created_ms // 1000 as its time.
+
+        `records` must be bytes objects (TypeError otherwise). Builds the exact-size output
+        once and encrypts, MACs and encodes every record with the GIL released.
+        """
+        cdef uint64_t seq = first_seq
+        cdef uint64_t cms = created_ms
+        # A private tuple keeps every record alive (and the pointers valid) while the GIL
+        # is released, even if the caller's list is mutated by another thread meanwhile.
+        cdef tuple recs = tuple(records)
+
+        if not self._ready:
+            raise RuntimeError("BatchFramer.__init__ was not called")
+        # Check-and-set with no Python code in between, so no other thread can slip in.
+        if self._busy:
+            raise RuntimeError("BatchFramer.frame() called from two threads at once; "
+                               "use one framer per thread")
+        self._busy = True
+        try:
+            return self._frame(seq, cms, recs)
+        finally:
+            self._busy = False
+
+    cdef bytes _frame(self, uint64_t seq, uint64_t cms, tuple recs):
+        cdef Py_ssize_t n = PyTuple_GET_SIZE(recs)
+        cdef Py_ssize_t i
+        cdef object item
+        cdef size_t length
+        cdef size_t raw_size
+        cdef size_t max_raw = 0
+        cdef uint64_t body_size = BODY_HEADER_SIZE
+        cdef unsigned char *work = NULL
+        cdef _Record *rec_array
+        cdef unsigned char *ivs
+        cdef unsigned char *scratch
+        cdef unsigned char *out
+        cdef int step
+        cdef bytes result
+
+        if <uint64_t>n > U32_MAX:
+            raise OverflowError("a batch holds at most 2**32 - 1 records")
+
+        # Pass 1 (GIL held): type-check the records and size the output exactly.
+        for i in range(n):
+            item = <object>PyTuple_GET_ITEM(recs, i)
+            if not PyBytes_Check(item):
+                raise TypeError(f"records must be bytes, got {type(item).__name__} at index {i}")
+            length = <size_t>PyBytes_GET_SIZE(item)
+            if length > MAX_RECORD:
+                raise OverflowError(f"record {i} is {length} bytes, too large for one token")
+            raw_size = TOKEN_PREFIX + _ciphertext_size(length) + MAC_SIZE
+            if raw_size > max_raw:
+                max_raw = raw_size
+            body_size += 4 + _b64_size(raw_size)
+            if body_size > U32_MAX:
+                raise OverflowError("batch body would exceed 2**32 - 1 bytes")
+
+        # One scratch block: record table, the batch's IVs, and one raw token. It holds
+        # only pointers, public IVs and ciphertext (plaintext is read in place), so it
+        # needs no wiping.
+        work = <unsigned char *>malloc(<size_t>n * (sizeof(_Record) + IV_SIZE) + max_raw + 1)
+        if work == NULL:
+            raise MemoryError()
+        try:
+            rec_array = <_Record *>work
+            ivs = work + <size_t>n * sizeof(_Record)
+            scratch = ivs + <size_t>n * IV_SIZE
+            for i in range(n):
+                item = <object>PyTuple_GET_ITEM(recs, i)
+                rec_array[i].data = <const unsigned char *>PyBytes_AS_STRING(item)
+                rec_array[i].length = <size_t>PyBytes_GET_SIZE(item)
+
+            result = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(BATCH_HEADER_SIZE + body_size))
+            out = <unsigned char *>PyBytes_AS_STRING(result)
+            with nogil:
+                step = _frame_into(self._cipher_ctx, self._mac_ctx, seq, cms, rec_array, <size_t>n,
+                                   ivs, scratch, out, <size_t>body_size)
+            if step != STEP_OK:
+                if step == STEP_LENGTH:
+                    raise RuntimeError("internal error: output size mismatch in BatchFramer.frame")
+                raise _openssl_error(_STEP_NAMES[step])
+            return result
+        finally:
+            free(work)

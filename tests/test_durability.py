@@ -1,0 +1,260 @@
+"""Durability under real faults: SIGKILL mid-load (durable acks), SIGTERM under load, a full
+disk (a size-limited tmpfs), a stalled disk (injected), all against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from conftest import ServerProcess, run_cli
+
+from telemetry_sink import log_writer, logfile
+from telemetry_sink.buffer import BufferManager
+from telemetry_sink.crypto import CryptoService
+from telemetry_sink.http_server import create_app
+from telemetry_sink.log_writer import LogWriter
+from telemetry_sink.rate_limiter import RateLimiter
+from telemetry_sink.service import TelemetryService
+
+
+def read_log(directory: Path, key_file: Path) -> list[tuple[int, dict[str, object]]]:
+    """Every (sequence number, record) in the log, asserting the log has no damage."""
+    crypto = CryptoService.from_key_file(key_file)
+    out: list[tuple[int, dict[str, object]]] = []
+    for path in logfile.list_segments(directory):
+        with logfile.SegmentImage(path) as seg:
+            for item in seg.batches():
+                assert isinstance(item, logfile.Batch), f"{path}: {item}"
+                out.extend((item.first_seq + i, orjson.loads(crypto.decrypt(t))) for i, t in enumerate(item.tokens))
+    return out
+
+
+class Load:
+    """Client threads posting uniquely numbered records until stopped; remembers every 202."""
+
+    def __init__(self, url: str, threads: int = 6, per_request: int = 3, prefix: str = "") -> None:
+        self.url = url
+        self.prefix = prefix
+        self.acked: set[str] = set()
+        self.statuses: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i, per_request), daemon=True)
+                         for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, worker: int, per_request: int) -> None:
+        with httpx.Client(timeout=10.0) as client:
+            for n in range(100_000):  # bounded; normally stopped long before
+                if self._stop.is_set():
+                    return
+                ids = [f"{self.prefix}{worker}-{n}-{k}" for k in range(per_request)]
+                body = orjson.dumps([{"node_id": f"node-{worker}", "id": i} for i in ids])
+                try:
+                    r = client.post(self.url + "/telemetry", content=body,
+                                    headers={"content-type": "application/json"})
+                except httpx.TransportError:
+                    time.sleep(0.01)  # refused or cut off: no 202, so nothing was promised
+                    continue
+                with self._lock:
+                    self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 202:
+                        self.acked.update(ids)
+
+
+def stored_ids(directory: Path, key_file: Path) -> list[str]:
+    return [str(record["id"]) for _, record in read_log(directory, key_file)]
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_loses_no_acknowledged_record(start_server: Callable[..., ServerProcess],
+                                                         tmp_path: Path, key_file: Path) -> None:
+    """Durable acks: 20 SIGKILLs at random moments; every 202 is in the log exactly once."""
+    rng = random.Random(20261126)
+    data = tmp_path / "data"
+    acked: set[str] = set()
+    overrides = {"ingest": {"ack": "durable"}, "writer": {"fsync": "never", "batch_size": 50}}
+    port = None
+    for iteration in range(20):
+        server = start_server(overrides, port=port)
+        port = server.port
+        with Load(server.url, prefix=f"{iteration}/") as load:
+            time.sleep(rng.uniform(0.1, 0.6))
+            server.signal(signal.SIGKILL)
+            server.wait()
+        acked |= load.acked
+        assert set(load.statuses) <= {202, 503}, load.statuses
+    server = start_server(overrides, port=port)
+    server.stop()
+    ids = stored_ids(data, key_file)
+    assert len(acked) > 200
+    assert acked <= set(ids), f"{len(acked - set(ids))} acknowledged records lost"
+    assert len(ids) == len(set(ids)), "a record was stored twice"
+    verify = run_cli("verify", str(data))
+    assert verify.returncode == 0, verify.stdout.decode()
+    seqs = [seq for seq, _ in read_log(data, key_file)]
+    assert seqs == list(range(len(seqs)))  # continued across every restart, never reused
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_keeps_every_acknowledged_record(start_server: Callable[..., ServerProcess],
+                                                            tmp_path: Path, key_file: Path) -> None:
+    server = start_server({"writer": {"flush_interval_ms": 500, "batch_size": 1000}})
+    with Load(server.url, threads=8) as load:
+        time.sleep(1.0)
+        server.signal(signal.SIGTERM)
+        assert server.wait() in (0, -signal.SIGTERM)
+        time.sleep(0.2)
+    assert "shutdown complete" in server.log()
+    assert set(load.statuses) <= {202, 503}, load.statuses
+    ids = stored_ids(tmp_path / "data", key_file)
+    assert len(load.acked) > 100
+    assert load.acked == set(ids)  # buffered acks: everything 202'd was drained; nothing else stored
+    assert len(ids) == len(set(ids))
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); "
+                    "the injected-failure tests in test_log_writer.py cover write errors")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the filesystem until ENOSPC; return the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush at close
+        for _ in range(100_000):
+            try:
+                f.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    return filler
+
+
+def post_until(server: ServerProcess, status: int, acked: set[str], timeout: float = 15.0) -> httpx.Response:
+    """Post one record at a time until the answer is `status`; note every 202 in `acked`."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        record_id = f"probe-{status}-{n}"
+        r = server.post(orjson.dumps({"node_id": "probe", "id": record_id}))
+        assert r.status_code in (202, 503, 507), r.text
+        if r.status_code == 202:
+            acked.add(record_id)
+        if r.status_code == status:
+            return r
+        time.sleep(0.05)
+    raise AssertionError(f"no {status} within {timeout}s; last: {r.status_code} {r.text}")
+
+
+@pytest.mark.parametrize("ack", ["durable", "buffered"])
+def test_disk_full_answers_507_then_recovers_by_itself(start_server: Callable[..., ServerProcess],
+                                                       tmp_path: Path, key_file: Path, ack: str) -> None:
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        data = disk / "data"
+        server = start_server({"ingest": {"ack": ack}, "writer": {"directory": str(data), "fsync": "batch"}})
+        before = [orjson.dumps({"node_id": "n", "id": f"before-{i}"}) for i in range(20)]
+        for body in before:
+            assert server.post(body).status_code == 202
+        time.sleep(0.3)  # buffered: let them reach the disk before it fills up
+        filler = fill(disk)
+        acked = {f"before-{i}" for i in range(20)}
+        r = post_until(server, 507, acked)
+        assert r.json()["error"] == "insufficient_storage" and r.headers["retry-after"].isdigit()
+        health = httpx.get(server.url + "/healthz", timeout=5).json()
+        assert "No space left on device" in health["last_write_error"]
+        filler.unlink()  # space returns: writes resume without a restart
+        post_until(server, 202, acked)
+        assert httpx.get(server.url + "/healthz", timeout=5).json()["last_write_error"] is None
+        server.stop()
+        ids = stored_ids(data, key_file)
+        assert acked <= set(ids)  # nothing earlier damaged, nothing acknowledged lost
+        assert len(ids) == len(set(ids))
+        assert run_cli("verify", str(data)).returncode == 0
+
+
+async def test_stalled_disk_fills_the_buffer_then_drains(tmp_path: Path, key_file: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer stalled for seconds (injected: a real one cannot be made on demand here)."""
+    stall = threading.Event()
+    real_write_all = log_writer._write_all
+
+    def stalled_write_all(fd: int, data: bytes) -> None:
+        stall.wait(20)
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(log_writer, "_write_all", stalled_write_all)
+    stall.set()  # the segment header goes through
+    crypto = CryptoService.from_key_file(key_file)
+    writer = LogWriter(tmp_path / "data", crypto, batch_size=10, flush_interval_ms=10, fsync="never",
+                       fsync_interval_ms=1000, max_segment_bytes=1 << 20)
+    writer.open()
+    service = TelemetryService(RateLimiter(0, 1), BufferManager(200, 1 << 20), writer)
+    app = create_app(service, 1 << 20)
+    await service.start()
+    stall.clear()
+    transport = httpx.ASGITransport(app=app)
+    accepted, rejected = 0, 0
+    async with httpx.AsyncClient(transport=transport, base_url="http://sink") as client:
+        for i in range(100):
+            body = orjson.dumps([{"node_id": "n", "i": i, "k": k} for k in range(5)])
+            r = await client.post("/telemetry", content=body, headers={"content-type": "application/json"})
+            if r.status_code == 202:
+                accepted += 5
+            else:
+                assert r.status_code == 503 and r.json()["error"] == "buffer_full"
+                assert r.headers["retry-after"] == "1"
+                rejected += 1
+            assert service.buffer.records <= 200  # bounded, whatever the disk does
+        assert accepted == 200 and rejected == 60
+        stall.set()  # the disk wakes up: the backlog drains by itself
+        for _ in range(500):
+            if service.buffer.records == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert service.buffer.records == 0
+        r = await client.post("/telemetry", content=b'{"node_id":"after"}',
+                              headers={"content-type": "application/json"})
+        assert r.status_code == 202
+    await service.stop(10)
+    assert len(read_log(tmp_path / "data", key_file)) == 201
+
+
+def test_write_error_other_than_disk_full_is_503() -> None:
+    from telemetry_sink.service import _storage_error
+
+    assert _storage_error(errno.EIO, "EIO").status == 503
+    assert _storage_error(errno.ENOSPC, "full").status == 507
+    assert _storage_error(errno.EDQUOT, "quota").error == "insufficient_storage"
