@@ -142,6 +142,7 @@ class _Follower:
     out: IO[bytes]
     node: str | None
     since: float | None
+    strict: bool = False
     offsets: dict[Path, int] = field(default_factory=dict)
     bad_tokens: int = 0
 
@@ -163,13 +164,19 @@ class _Follower:
                         self._emit(item)
                         self.offsets[path] = item.end
                     elif item.kind == "corrupt":
-                        _warn(f"{path}: skipped a damaged batch at offset {item.offset} "
-                              f"({item.end - item.offset} bytes: {item.detail})")
+                        self._damage(f"{path}: damaged batch at offset {item.offset} "
+                                     f"({item.end - item.offset} bytes: {item.detail})")
                         self.offsets[path] = item.end
                     elif final:
-                        _warn(f"{path}: ends in an incomplete batch at offset {item.offset} "
-                              f"({item.end - item.offset} bytes)")
+                        self._damage(f"{path}: ends in an incomplete batch at offset {item.offset} "
+                                     f"({item.end - item.offset} bytes)")
             self.out.flush()
+
+    def _damage(self, message: str) -> None:
+        if self.strict:
+            self.out.flush()
+            raise CliError(f"{message} (--strict)")
+        _warn(f"skipped {message}")
 
     def _emit(self, batch: logfile.Batch) -> None:
         write = self.out.write
@@ -178,7 +185,8 @@ class _Follower:
                 plaintext = self.crypto.decrypt(token)
             except InvalidToken:
                 self.bad_tokens += 1
-                _warn(f"a record in the batch at seq {batch.first_seq} does not authenticate with the key(s)")
+                self._damage(f"a record in the batch at seq {batch.first_seq} that does not authenticate "
+                             f"with the key(s)")
                 continue
             if self.node is not None or self.since is not None:
                 record = orjson.loads(plaintext)
@@ -193,7 +201,7 @@ class _Follower:
 
 def cmd_read(args: argparse.Namespace) -> int:
     crypto = _crypto(args.key_file, args.config)
-    follower = _Follower(crypto, sys.stdout.buffer, args.node, args.since)
+    follower = _Follower(crypto, sys.stdout.buffer, args.node, args.since, args.strict)
     follower.read_new(_segments(args.paths, args.config), final=not args.follow)
     if not args.follow:
         return EXIT_DAMAGE if follower.bad_tokens else 0
@@ -286,6 +294,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_DAMAGE if damaged else 0
 
 
+# -- rotate-key --
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from .rotate import rotate_directory
+
+    config = _load(args.config)
+    directory = config.writer.directory
+    if not directory.is_dir():
+        raise CliError(f"log directory {directory} does not exist")
+    crypto = _crypto(args.key_file, args.config)
+    report = rotate_directory(directory, crypto)
+    for path in report.skipped_active:
+        print(f"{path.name}: skipped (a running writer is appending to it; run again after it rolls over)")
+    for problem in report.failed:
+        print(f"FAILED: {problem}")
+    print(f"{len(report.rewritten)} segments re-encrypted ({report.tokens_rotated} records), "
+          f"{len(report.unchanged)} already under the first key, {len(report.skipped_active)} active skipped, "
+          f"{len(report.failed)} failed")
+    return EXIT_DAMAGE if report.failed else 0
+
+
 # -- info --
 
 
@@ -349,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", metavar="ID", help="only records with this node_id")
     p.add_argument("--since", metavar="TS", type=float, help="only records whose ts >= TS (Unix seconds)")
     p.add_argument("--follow", "-f", action="store_true", help="keep reading as the live log grows")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) at the first damaged batch or unreadable record instead of skipping it")
     p.add_argument("--poll-interval", type=float, default=0.25, help=argparse.SUPPRESS)
     p.add_argument("paths", nargs="*", metavar="PATH", help="segment files or directories")
     p.set_defaults(func=cmd_read)
@@ -360,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", metavar="PATH", help="also authenticate every token with these keys")
     p.add_argument("paths", nargs="*", metavar="PATH", help="segment files or directories")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("rotate-key", help="re-encrypt sealed segments under the key file's first key",
+                       description="Re-encrypt every sealed segment of the configured directory whose records do "
+                       "not all use the key file's first key (the others must still be listed to decrypt). Each "
+                       "segment is written to a temporary file, fsynced and renamed over the old one, so a crash "
+                       "leaves every segment readable. A segment a running server appends to is skipped. "
+                       "Running it again is a no-op.")
+    config_opt(p)
+    p.add_argument("--key-file", metavar="PATH", help="key file (default: the configured one)")
+    p.set_defaults(func=cmd_rotate_key)
 
     p = sub.add_parser("info", help="version, implementation, OpenSSL version, config path")
     config_opt(p)

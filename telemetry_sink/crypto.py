@@ -63,7 +63,8 @@ class CryptoService:
             raise KeyConfigError(f"{source}: holds no key")
         self.source = source
         self._raw = [_decode_key(k, f"{source}, key {i + 1}") for i, k in enumerate(keys)]
-        self._multi = MultiFernet([Fernet(k.encode("ascii")) for k in keys])
+        self._primary = Fernet(keys[0].encode("ascii"))
+        self._multi = MultiFernet([self._primary, *(Fernet(k.encode("ascii")) for k in keys[1:])])
         self.key_count = len(keys)
 
     @classmethod
@@ -105,6 +106,18 @@ class CryptoService:
     def encrypt(self, plaintext: bytes) -> bytes:
         """One Fernet token under the first key."""
         return self._multi.encrypt(plaintext)
+
+    def uses_primary_key(self, token: bytes) -> bool:
+        """Whether `token` authenticates under the first (encrypting) key."""
+        try:
+            self._primary.decrypt(token)
+        except InvalidToken:
+            return False
+        return True
+
+    def rotate(self, token: bytes) -> bytes:
+        """Re-encrypt `token` under the first key, keeping its timestamp; raises InvalidToken."""
+        return self._multi.rotate(token)
 
     def __repr__(self) -> str:  # never show key material
         return f"CryptoService(source={self.source!r}, keys={self.key_count})"

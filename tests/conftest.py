@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import signal
@@ -18,7 +19,9 @@ import httpx
 import pytest
 
 from telemetry_sink import speedups
-from telemetry_sink.crypto import write_key_file
+from telemetry_sink.buffer import BufferManager
+from telemetry_sink.crypto import CryptoService, write_key_file
+from telemetry_sink.log_writer import LogWriter
 
 
 def pytest_report_header() -> str:
@@ -154,3 +157,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "telemetry_sink", *args], capture_output=True,
                           env=full_env, check=check, timeout=timeout)
+
+
+def write_log(directory: Path, key: bytes, records: int, segment_bytes: int = 4000) -> None:
+    """Write `records` JSON records with the real LogWriter under `key`, 20 a batch."""
+
+    async def go() -> None:
+        writer = LogWriter(directory, CryptoService([key.decode()], "test"), batch_size=20, flush_interval_ms=5,
+                           fsync="never", fsync_interval_ms=1000, max_segment_bytes=segment_bytes)
+        writer.open()
+        buf = BufferManager(1_000_000, 1 << 30)
+        task = asyncio.create_task(writer.run(buf))
+        for i in range(0, records, 20):
+            chunk = [b'{"node_id":"n","i":%d}' % j for j in range(i, min(i + 20, records))]
+            buf.put(chunk, sum(map(len, chunk)))
+        buf.close()
+        await task
+        writer.close()
+
+    asyncio.run(go())

@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, run_cli
+from conftest import ServerProcess, run_cli, write_log
 
 from telemetry_sink import log_writer, logfile
 from telemetry_sink.buffer import BufferManager
-from telemetry_sink.crypto import CryptoService
+from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.http_server import create_app
 from telemetry_sink.log_writer import LogWriter
 from telemetry_sink.rate_limiter import RateLimiter
@@ -258,3 +258,37 @@ def test_write_error_other_than_disk_full_is_503() -> None:
     assert _storage_error(errno.EIO, "EIO").status == 503
     assert _storage_error(errno.ENOSPC, "full").status == 507
     assert _storage_error(errno.EDQUOT, "quota").error == "insufficient_storage"
+
+
+def test_corruption_in_a_sealed_segment_verify_names_it_read_skips_it_strict_fails(tmp_path: Path) -> None:
+    key = generate_key()
+    key_file = tmp_path / "key"
+    key_file.write_bytes(key + b"\n")
+    key_file.chmod(0o600)
+    data = tmp_path / "data"
+    write_log(data, key, 400, segment_bytes=6000)
+    segments = logfile.list_segments(data)
+    victim = segments[1]
+    with logfile.SegmentImage(victim) as seg:
+        batches = [b for b in seg.batches() if isinstance(b, logfile.Batch)]
+    hit = batches[1]
+    raw = bytearray(victim.read_bytes())
+    for k in range(8):  # flip bytes in the middle of the second batch
+        raw[(hit.offset + hit.end) // 2 + k] ^= 0x5A
+    victim.write_bytes(bytes(raw))
+
+    verify = run_cli("verify", str(data))
+    assert verify.returncode == 1
+    assert f"corrupt batch at offset {hit.offset}".encode() in verify.stdout
+    assert victim.name.encode() in verify.stdout
+
+    read = run_cli("read", "--key-file", str(key_file), str(data))
+    assert read.returncode == 0
+    assert f"damaged batch at offset {hit.offset}".encode() in read.stderr
+    got = [orjson.loads(line)["i"] for line in read.stdout.splitlines()]
+    lost = set(range(hit.first_seq, hit.next_seq))
+    assert got == [i for i in range(400) if i not in lost]  # every other record, in order
+
+    strict = run_cli("read", "--strict", "--key-file", str(key_file), str(data))
+    assert strict.returncode == 2
+    assert b"--strict" in strict.stderr

@@ -1,0 +1,109 @@
+"""rotate-key: re-encrypts sealed segments under the first key, crash-safely, idempotently."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_config, write_log
+from cryptography.fernet import Fernet
+
+from telemetry_sink import logfile
+from telemetry_sink.crypto import CryptoService, generate_key
+from telemetry_sink.log_writer import LogWriter
+from telemetry_sink.rotate import rotate_directory
+
+
+def tokens(directory: Path) -> list[tuple[int, bytes]]:
+    out = []
+    for path in logfile.list_segments(directory):
+        with logfile.SegmentImage(path) as seg:
+            for item in seg.batches():
+                assert isinstance(item, logfile.Batch)
+                out.extend((item.first_seq + i, t) for i, t in enumerate(item.tokens))
+    return out
+
+
+@pytest.fixture
+def rotated_setup(tmp_path: Path) -> tuple[Path, Path, bytes, bytes]:
+    old, new = generate_key(), generate_key()
+    data = tmp_path / "data"
+    write_log(data, old, 40_000, segment_bytes=100_000)
+    key_file = tmp_path / "keys"
+    key_file.write_bytes(new + b"\n" + old + b"\n")
+    os.chmod(key_file, 0o600)
+    values = {"writer": {"directory": str(data)}, "crypto": {"key_file": str(key_file)}}
+    config = write_config(tmp_path / "c.ini", values)
+    return config, data, old, new
+
+
+def test_rotate_key_reencrypts_everything_keeps_content_then_is_a_no_op(
+        rotated_setup: tuple[Path, Path, bytes, bytes]) -> None:
+    config, data, old, new = rotated_setup
+    before = tokens(data)
+    assert len(logfile.list_segments(data)) > 3
+    done = run_cli("rotate-key", "--config", str(config))
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"segments re-encrypted (40000 records)" in done.stdout
+    after = tokens(data)
+    assert [seq for seq, _ in after] == [seq for seq, _ in before]
+    for (_, a), (_, b) in zip(before, after, strict=True):
+        assert Fernet(new).decrypt(b) == Fernet(old).decrypt(a)  # same record, new key
+        assert Fernet(new).extract_timestamp(b) == Fernet(old).extract_timestamp(a)
+    assert run_cli("verify", str(data)).returncode == 0
+    again = run_cli("rotate-key", "--config", str(config))
+    assert b"0 segments re-encrypted" in again.stdout
+    assert tokens(data) == after  # byte-for-byte untouched
+
+
+def test_rotate_key_killed_midway_leaves_every_segment_readable(rotated_setup: tuple[Path, Path, bytes, bytes],
+                                                                tmp_path: Path) -> None:
+    config, data, old, new = rotated_setup
+    expected = sorted(Fernet(old).decrypt(t) for _, t in tokens(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")}
+    interrupted = 0
+    for delay in (0.15, 0.3, 0.45, 0.6, 0.8):  # different points of the run
+        proc = subprocess.Popen([sys.executable, "-m", "telemetry_sink", "rotate-key", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        interrupted += proc.wait() == -signal.SIGKILL
+        crypto = CryptoService.from_key_file(tmp_path / "keys")
+        assert sorted(crypto.decrypt(t) for _, t in tokens(data)) == expected
+    assert interrupted >= 2, "the rotation finished before any kill: make the log bigger"
+    done = run_cli("rotate-key", "--config", str(config))
+    assert done.returncode == 0
+    assert all(Fernet(new).decrypt(t) for _, t in tokens(data))
+    assert not list(data.glob("*.rotating"))
+
+
+def test_active_segment_of_a_running_writer_is_skipped(tmp_path: Path) -> None:
+    old, new = generate_key(), generate_key()
+    data = tmp_path / "data"
+    write_log(data, old, 200, segment_bytes=1 << 20)  # one segment, not full: a writer would append to it
+    (segment,) = logfile.list_segments(data)
+    holder = LogWriter(data, CryptoService([old.decode()], "old"), batch_size=1, flush_interval_ms=5, fsync="never",
+                       fsync_interval_ms=1000, max_segment_bytes=1 << 20)
+    holder.open()
+    crypto = CryptoService([new.decode(), old.decode()], "rotated")
+    report = rotate_directory(data, crypto)
+    assert report.skipped_active == [segment] and not report.rewritten
+    holder.close()
+    report = rotate_directory(data, crypto)
+    assert report.rewritten == [segment]
+
+
+def test_unreadable_record_fails_that_segment_only(tmp_path: Path) -> None:
+    old = generate_key()
+    data = tmp_path / "data"
+    write_log(data, old, 300)
+    crypto = CryptoService([generate_key().decode()], "unrelated")  # cannot decrypt anything
+    before = tokens(data)
+    report = rotate_directory(data, crypto)
+    assert report.failed and not report.rewritten
+    assert tokens(data) == before
