@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages: a C compiler and OpenSSL headers build the extension; wrk drives the
+# System packages: a C compiler and the OpenSSL and zlib headers build the extension; wrk drives the
 # HTTP benchmarks. Installed with apt-get when we may (root on Debian/Ubuntu), else a warning.
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+[ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 if [ "${TELEMETRY_SINK_WITH_WRK:-0}" = 1 ]; then command -v wrk >/dev/null 2>&1 || missing+=(wrk); fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,126 @@
+"""Hypothesis properties of both `_speedups` implementations: framing round-trips, twins agree."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import random
+import zlib
+from types import ModuleType
+
+import pytest
+from cryptography.fernet import Fernet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from telemetry_sink.logfile import BATCH_HEADER, BATCH_HEADER_SIZE, FILE_HEADER_BYTES, Batch, iter_batches
+
+SIGNING_KEY = bytes(range(16))
+ENCRYPTION_KEY = bytes(range(200, 216))
+FERNET = Fernet(base64.urlsafe_b64encode(SIGNING_KEY + ENCRYPTION_KEY))
+
+# speedups_impl is function-scoped but only hands back a module, so sharing it across
+# examples is safe. Big records make some examples slow on purpose: no deadline.
+SETTINGS = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+json_records = st.builds(
+    lambda value: json.dumps(value, ensure_ascii=False).encode(),
+    st.dictionaries(st.text(max_size=8), st.one_of(st.text(max_size=40), st.integers(), st.floats(allow_nan=False))),
+)
+# Big records come from a seeded PRNG: hypothesis would take ages to draw 1 MiB itself.
+big_records = st.builds(
+    lambda size, seed: random.Random(seed).randbytes(size),
+    st.integers(0, 1 << 20),
+    st.integers(0, 2**32),
+)
+
+
+@st.composite
+def record_lists(draw: st.DrawFn) -> list[bytes]:
+    """A mix of drawn small records, a few huge ones and a bulk of up to 3000 generated ones."""
+    records = draw(st.lists(st.one_of(st.binary(max_size=300), json_records), max_size=40))
+    records += draw(st.lists(big_records, max_size=2))
+    bulk, size, seed = draw(st.integers(0, 3000)), draw(st.integers(0, 1100)), draw(st.integers(0, 2**32))
+    rng = random.Random(seed)
+    records += [rng.randbytes(rng.randint(0, size)) for _ in range(bulk)]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def _compiled() -> ModuleType:
+    try:
+        return importlib.import_module("telemetry_sink._speedups")
+    except ImportError as exc:
+        pytest.skip(f"compiled extension not built: {exc}")
+
+
+def _parse(batch: bytes) -> Batch:
+    found = list(iter_batches(FILE_HEADER_BYTES + batch))
+    assert len(found) == 1 and isinstance(found[0], Batch), found
+    return found[0]
+
+
+@settings(SETTINGS, max_examples=50)
+@given(records=record_lists(), first_seq=st.integers(0, 2**64 - 1), created_ms=st.integers(0, 2**64 - 1))
+def test_frame_round_trips(speedups_impl: ModuleType, records: list[bytes], first_seq: int, created_ms: int) -> None:
+    batch = speedups_impl.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame(first_seq, created_ms, records)
+    _magic, length, crc = BATCH_HEADER.unpack_from(batch)
+    assert length == len(batch) - BATCH_HEADER_SIZE
+    assert crc == zlib.crc32(batch[BATCH_HEADER_SIZE:])
+    parsed = _parse(batch)
+    assert (parsed.first_seq, parsed.count, parsed.created_ms) == (first_seq, len(records), created_ms)
+    for record, token in zip(records, parsed.tokens, strict=True):
+        assert FERNET.decrypt(token) == record
+    if parsed.tokens:
+        assert FERNET.extract_timestamp(parsed.tokens[-1]) == created_ms // 1000
+
+
+@settings(SETTINGS, max_examples=30)
+@given(records=record_lists(), first_seq=st.integers(0, 2**64 - 1), created_ms=st.integers(0, 2**64 - 1))
+def test_twins_parse_identically(records: list[bytes], first_seq: int, created_ms: int) -> None:
+    """Compiled and twin agree on everything except the random IVs (and so ciphertext and MAC)."""
+    compiled = _compiled()
+    twin = importlib.import_module("telemetry_sink._speedups_py")
+    a = _parse(compiled.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame(first_seq, created_ms, records))
+    b = _parse(twin.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame(first_seq, created_ms, records))
+    assert (a.first_seq, a.count, a.created_ms, a.end) == (b.first_seq, b.count, b.created_ms, b.end)
+    assert [len(t) for t in a.tokens] == [len(t) for t in b.tokens]
+    a_raw = [base64.urlsafe_b64decode(t) for t in a.tokens]
+    b_raw = [base64.urlsafe_b64decode(t) for t in b.tokens]
+    assert [r[:9] for r in a_raw] == [r[:9] for r in b_raw]  # version byte + timestamp
+    assert [FERNET.decrypt(t) for t in a.tokens] == records
+
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+ops = st.lists(
+    st.tuples(st.sampled_from(["refill", "try_acquire", "time_until_available", "reserve"]), finite, finite, finite),
+    max_size=60,
+)
+
+
+@settings(SETTINGS, max_examples=200)
+@given(
+    rate=st.floats(min_value=1e-3, max_value=1e6),
+    capacity=st.floats(min_value=1e-3, max_value=1e9),
+    start=finite,
+    script=ops,
+)
+def test_token_buckets_agree_bit_for_bit(
+    rate: float, capacity: float, start: float, script: list[tuple[str, float, float, float]]
+) -> None:
+    compiled = _compiled()
+    twin = importlib.import_module("telemetry_sink._speedups_py")
+    a = compiled.TokenBucket(rate, capacity, start)
+    b = twin.TokenBucket(rate, capacity, start)
+    for name, n, now, max_wait in script:
+        if name == "refill":
+            assert a.refill(now) is b.refill(now) is None
+        elif name == "reserve":
+            assert a.reserve(n, now, max_wait) == b.reserve(n, now, max_wait)
+        else:
+            assert getattr(a, name)(n, now) == getattr(b, name)(n, now)
+        assert (a.tokens, a.updated, a.rate, a.capacity) == (b.tokens, b.updated, b.rate, b.capacity)
