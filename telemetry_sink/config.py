@@ -52,6 +52,17 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _optional_text(raw: str) -> str:
+    return raw.strip()
+
+
+def _percent(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 100:
+        raise ValueError("must be between 1 and 100")
+    return value
+
+
 def _text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -65,6 +76,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "host": (_text, "127.0.0.1"),
         "port": (_port, "8080"),
         "shutdown_timeout_s": (_positive_int, "30"),
+        "max_connections": (_positive_int, "1024"),
+        "header_timeout_s": (_positive_int, "10"),
+        "body_timeout_s": (_positive_int, "30"),
+        "keep_alive_s": (_positive_int, "5"),
+        "tls_certfile": (_optional_text, ""),
+        "tls_keyfile": (_optional_text, ""),
+        "tls_client_ca": (_optional_text, ""),
     },
     "ingest": {
         "max_body_bytes": (_positive_int, "1048576"),
@@ -75,10 +93,14 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "burst_bytes": (_positive_int, "8388608"),
         "mode": (_choice("reject", "delay"), "reject"),
         "max_delay_ms": (_non_negative_int, "1000"),
+        "per_node_bytes_per_second": (_non_negative_int, "0"),
+        "per_node_burst_bytes": (_positive_int, "2097152"),
+        "per_node_max_buckets": (_positive_int, "10000"),
     },
     "buffer": {
         "max_records": (_positive_int, "100000"),
         "max_bytes": (_positive_int, "33554432"),
+        "high_water_percent": (_percent, "90"),
     },
     "writer": {
         "directory": (_text, "./data"),
@@ -94,6 +116,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
     "crypto": {
         "key_file": (_text, "./dev.key"),
     },
+    "auth": {
+        "tokens_file": (_optional_text, ""),
+    },
 }
 
 
@@ -102,6 +127,13 @@ class ServerConfig:
     host: str
     port: int
     shutdown_timeout_s: int
+    max_connections: int
+    header_timeout_s: int
+    body_timeout_s: int
+    keep_alive_s: int
+    tls_certfile: Path | None
+    tls_keyfile: Path | None
+    tls_client_ca: Path | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +148,16 @@ class RateLimitConfig:
     burst_bytes: int
     mode: str
     max_delay_ms: int
+    per_node_bytes_per_second: int
+    per_node_burst_bytes: int
+    per_node_max_buckets: int
 
 
 @dataclass(frozen=True, slots=True)
 class BufferConfig:
     max_records: int
     max_bytes: int
+    high_water_percent: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +179,11 @@ class CryptoConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    tokens_file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration; relative paths are already resolved."""
 
@@ -152,6 +193,7 @@ class Config:
     buffer: BufferConfig
     writer: WriterConfig
     crypto: CryptoConfig
+    auth: AuthConfig
     source: Path | None
 
 
@@ -205,6 +247,9 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     base = path.resolve().parent if path is not None else Path.cwd()
     parsed["writer"]["directory"] = base / parsed["writer"]["directory"]
     parsed["crypto"]["key_file"] = base / parsed["crypto"]["key_file"]
+    for section, key in (("server", "tls_certfile"), ("server", "tls_keyfile"), ("server", "tls_client_ca"),
+                         ("auth", "tokens_file")):
+        parsed[section][key] = base / parsed[section][key] if parsed[section][key] else None
     config = Config(
         server=ServerConfig(**parsed["server"]),
         ingest=IngestConfig(**parsed["ingest"]),
@@ -212,6 +257,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         buffer=BufferConfig(**parsed["buffer"]),
         writer=WriterConfig(**parsed["writer"]),
         crypto=CryptoConfig(**parsed["crypto"]),
+        auth=AuthConfig(**parsed["auth"]),
         source=path,
     )
     _check_combinations(config)
@@ -229,6 +275,16 @@ def _check_combinations(c: Config) -> None:
             f"[buffer] max_bytes: {c.buffer.max_bytes} is smaller than [ingest] max_body_bytes "
             f"{c.ingest.max_body_bytes}, so a full-size request could never be buffered"
         )
+    rl = c.rate_limit
+    if rl.per_node_bytes_per_second > 0 and c.ingest.max_body_bytes > rl.per_node_burst_bytes:
+        raise ConfigError(
+            f"[ingest] max_body_bytes: {c.ingest.max_body_bytes} exceeds [rate_limit] per_node_burst_bytes "
+            f"{rl.per_node_burst_bytes}, so a request that large could never pass the per-node limit"
+        )
+    if (c.server.tls_certfile is None) != (c.server.tls_keyfile is None):
+        raise ConfigError("[server] tls_keyfile: tls_certfile and tls_keyfile must be set together")
+    if c.server.tls_client_ca is not None and c.server.tls_certfile is None:
+        raise ConfigError("[server] tls_client_ca: mutual TLS needs tls_certfile and tls_keyfile too")
     if c.writer.batch_size > c.buffer.max_records:
         raise ConfigError(
             f"[writer] batch_size: {c.writer.batch_size} exceeds [buffer] max_records "

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import logfile
 from .buffer import BufferManager
 from .crypto import CryptoService
+from .metrics import WriterMetrics
 
 log = logging.getLogger("telemetry_sink.writer")
 
@@ -38,6 +39,7 @@ class WriterStats:
     records: int = 0
     bytes: int = 0
     write_errors: int = 0
+    segments_sealed: int = 0
     segments_deleted: int = 0
     last_error: str | None = None  # set while writes are failing, cleared by the next success
     last_errno: int | None = None
@@ -127,6 +129,7 @@ class LogWriter:
         retention_days: int = 0,
         durable: bool = False,
         slots: int = 1,
+        metrics: WriterMetrics | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
@@ -143,6 +146,7 @@ class LogWriter:
         # commit) and fail a batch's requests instead of retrying it.
         self.durable = durable
         self.slots = slots
+        self.metrics = metrics
         self.stats = WriterStats()
         self.series: str | None = None
         self.next_seq = 0
@@ -203,6 +207,7 @@ class LogWriter:
         os.close(self._fd)
         log.info("sealed segment %s (%d bytes)", self._segment.name if self._segment else "?", self._size)
         self._fd, self._segment, self._dirty = None, None, False
+        self.stats.segments_sealed += 1
 
     def close(self) -> None:
         """Fsync and close the active segment and release the series lock."""
@@ -216,6 +221,7 @@ class LogWriter:
 
     def _write_batch(self, records: list[bytes]) -> None:
         assert self.series is not None, "open() first"
+        started = time.perf_counter()
         now = time.time()
         data = self._framer.frame(self.next_seq, int(now * 1000), records)
         if self._fd is not None and self._too_old(now):
@@ -231,6 +237,9 @@ class LogWriter:
         self._size += len(data)
         self._dirty = True
         self.next_seq += len(records)
+        if self.metrics is not None:
+            self.metrics.flush_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_records.observe(len(records))
         due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
         if self.durable or self.fsync_policy == "batch" or due:
             self._fsync()
@@ -289,8 +298,11 @@ class LogWriter:
 
     def _fsync(self) -> None:
         if self._fd is not None and self._dirty:
+            started = time.perf_counter()
             os.fsync(self._fd)
             self._dirty = False
+            if self.metrics is not None:
+                self.metrics.fsync_seconds.observe(time.perf_counter() - started)
         self._last_fsync = time.monotonic()
 
     # -- the event-loop side --

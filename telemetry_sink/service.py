@@ -9,14 +9,17 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from .auth import Principal
 from .buffer import BufferClosed, BufferFull, BufferManager
 from .config import Config
 from .crypto import CryptoService
 from .log_writer import LogWriter
+from .metrics import WriterMetrics
 from .rate_limiter import RateLimited, RateLimiter
 
 log = logging.getLogger("telemetry_sink.service")
@@ -123,6 +126,24 @@ def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], 
     return plaintexts, sum(map(len, plaintexts))
 
 
+@dataclass
+class IngestStats:
+    """Plain counters, bumped on the ingest path and read by /metrics at scrape time."""
+
+    requests_by_status: dict[int, int] = field(default_factory=dict)
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    records_accepted: int = 0
+    bytes_received: int = 0
+
+
+def check_permissions(values: list[Any], principal: Principal) -> None:
+    """403 naming the first record whose node_id the token may not write."""
+    for index, record in enumerate(values):
+        if not principal.may_write(record["node_id"]):
+            raise IngestError(403, "forbidden", f"this token may not write node_id {record['node_id']!r}",
+                              index=index)
+
+
 class TelemetryService:
     """Admits requests (rate limit), stores their records in the buffer, runs the writer."""
 
@@ -139,11 +160,23 @@ class TelemetryService:
         self.writer = writer
         self.durable = durable
         self.closing = False
+        self.stats = IngestStats()
         self._wall_clock = wall_clock
         self._writer_task: asyncio.Task[None] | None = None
 
-    async def ingest(self, body: bytes, fmt: str, wire_bytes: int | None = None) -> int:
-        """Store every record of one request, or none; return how many. Raises IngestError."""
+    async def ingest(
+        self,
+        body: bytes,
+        fmt: str,
+        wire_bytes: int | None = None,
+        principal: Principal | None = None,
+        client_key: str | None = None,
+    ) -> int:
+        """Store every record of one request, or none; return how many. Raises IngestError.
+
+        `principal` (when auth is on) limits which node_ids may be written; per-node rate
+        limits are keyed by the principal, else by `client_key` (the client address).
+        """
         if self.closing:
             raise IngestError(503, "shutting_down", "the server is shutting down")
         stats = self.writer.stats
@@ -153,14 +186,19 @@ class TelemetryService:
             # next request is let through to probe the disk.
             raise _storage_error(stats.last_errno, stats.last_error)
         received_at = self._wall_clock()
+        node_key = principal.key if principal is not None else client_key
         try:
-            wait = self.rate_limiter.admit(len(body) if wire_bytes is None else wire_bytes)
+            wait = self.rate_limiter.admit(len(body) if wire_bytes is None else wire_bytes, node_key)
         except RateLimited as exc:
-            raise IngestError(429, "rate_limited", "the global rate limit is exceeded",
+            which = "per-node" if exc.per_node else "global"
+            raise IngestError(429, "rate_limited", f"the {which} rate limit is exceeded",
                               retry_after=exc.retry_after_header) from None
         if wait > 0.0:
             await asyncio.sleep(wait)
-        plaintexts, nbytes = encode_records(parse_body(body, fmt), received_at)
+        values = parse_body(body, fmt)
+        plaintexts, nbytes = encode_records(values, received_at)
+        if principal is not None:
+            check_permissions(values, principal)
         try:
             ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable)
         except BufferFull:
@@ -179,7 +217,8 @@ class TelemetryService:
         return len(plaintexts)
 
     @classmethod
-    def from_config(cls, config: Config, crypto: CryptoService, slots: int = 1) -> TelemetryService:
+    def from_config(cls, config: Config, crypto: CryptoService, slots: int = 1,
+                    metrics: WriterMetrics | None = None) -> TelemetryService:
         """Wire the components as `serve` runs them; the writer still has to be open()ed."""
         w, rl = config.writer, config.rate_limit
         durable = config.ingest.ack == "durable"
@@ -187,10 +226,12 @@ class TelemetryService:
             w.directory, crypto, batch_size=w.batch_size, flush_interval_ms=w.flush_interval_ms, fsync=w.fsync,
             fsync_interval_ms=w.fsync_interval_ms, max_segment_bytes=w.max_segment_bytes,
             max_segment_age_s=w.max_segment_age_s, retention_bytes=w.retention_bytes,
-            retention_days=w.retention_days, durable=durable, slots=slots,
+            retention_days=w.retention_days, durable=durable, slots=slots, metrics=metrics,
         )
         return cls(
-            RateLimiter(rl.bytes_per_second / slots, rl.burst_bytes / slots, rl.mode, rl.max_delay_ms / 1000),
+            RateLimiter(rl.bytes_per_second / slots, rl.burst_bytes / slots, rl.mode, rl.max_delay_ms / 1000,
+                        per_node_bytes_per_second=rl.per_node_bytes_per_second,
+                        per_node_burst_bytes=rl.per_node_burst_bytes, max_node_buckets=rl.per_node_max_buckets),
             BufferManager(config.buffer.max_records, config.buffer.max_bytes, whole_requests=durable),
             writer,
             durable=durable,

@@ -33,7 +33,7 @@ def test_shipped_config_ini_sets_every_key() -> None:
     for section, keys in SCHEMA.items():
         assert f"[{section}]" in text
         for key in keys:
-            assert f"\n{key} = " in text, f"config.ini does not document [{section}] {key}"
+            assert f"\n{key} =" in text, f"config.ini does not document [{section}] {key}"
 
 
 def test_file_values_and_relative_paths(tmp_path: Path) -> None:

@@ -1,0 +1,84 @@
+"""Prometheus metrics (prometheus_client): writer histograms, and a collector that reads the
+service's plain counters at scrape time so the ingest path only bumps integers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "telemetry_sink"
+
+
+class WriterMetrics:
+    """Histograms the writer observes once per batch (on its thread: prometheus_client is thread-safe)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.batch_records = Histogram(
+            f"{PREFIX}_batch_records", "Records per written batch", registry=registry,
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+        )
+        self.flush_seconds = Histogram(
+            f"{PREFIX}_flush_seconds", "Time to encrypt, frame and write one batch", registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.fsync_seconds = Histogram(
+            f"{PREFIX}_fsync_seconds", "Time of one fsync of the active segment", registry=registry,
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+
+
+@dataclass
+class Snapshot:
+    """The service's counters and gauges at one moment."""
+
+    implementation: str
+    requests_by_status: dict[int, int]
+    rejected_by_reason: dict[str, int]
+    records_accepted: int
+    bytes_received: int
+    buffer_records: int
+    buffer_bytes: int
+    records_written: int
+    write_errors: int
+    segments: int
+    segment_bytes: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class SinkCollector(Collector):
+    """Turns a Snapshot into Prometheus metric families at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        info = InfoMetricFamily(f"{PREFIX}_build", "Version and the _speedups implementation in use")
+        info.add_metric([], {"implementation": s.implementation})
+        yield info
+        requests = CounterMetricFamily(f"{PREFIX}_requests", "POST /telemetry requests by status", labels=["status"])
+        for status, n in sorted(s.requests_by_status.items()):
+            requests.add_metric([str(status)], n)
+        yield requests
+        rejected = CounterMetricFamily(f"{PREFIX}_rejected_requests", "Requests not accepted, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(s.rejected_by_reason.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily(f"{PREFIX}_records_accepted", "Records accepted (202)", value=s.records_accepted)
+        yield CounterMetricFamily(f"{PREFIX}_received_bytes", "Request body bytes received (wire size)",
+                                  value=s.bytes_received)
+        yield CounterMetricFamily(f"{PREFIX}_records_written", "Records written to segments", value=s.records_written)
+        yield CounterMetricFamily(f"{PREFIX}_write_errors", "Failed batch writes", value=s.write_errors)
+        yield GaugeMetricFamily(f"{PREFIX}_buffer_records", "Records accepted and not yet written",
+                                value=s.buffer_records)
+        yield GaugeMetricFamily(f"{PREFIX}_buffer_bytes", "Plaintext bytes accepted and not yet written",
+                                value=s.buffer_bytes)
+        yield GaugeMetricFamily(f"{PREFIX}_segments", "Segment files in the log directory", value=s.segments)
+        yield GaugeMetricFamily(f"{PREFIX}_segment_bytes", "Bytes of segment files on disk", value=s.segment_bytes)
+        for name, value in sorted(s.extra.items()):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)
