@@ -122,7 +122,16 @@ def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], 
         elif type(ts) is not float and type(ts) is not int:
             raise _invalid(index, f"ts must be a number (Unix seconds), not {_json_type(ts)}")
     dumps = orjson.dumps
-    plaintexts = [dumps(r) for r in values]
+    try:
+        plaintexts = [dumps(r) for r in values]
+    except orjson.JSONEncodeError:
+        # orjson parses deeper nesting than it will serialise: name the record, no 500.
+        for index, record in enumerate(values):
+            try:
+                dumps(record)
+            except orjson.JSONEncodeError as exc:
+                raise _invalid(index, f"the record cannot be stored: {exc}") from None
+        raise
     return plaintexts, sum(map(len, plaintexts))
 
 
