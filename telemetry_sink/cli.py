@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -18,6 +18,7 @@ from typing import IO, Any
 import orjson
 
 from . import __version__, logfile, speedups
+from .auth import AuthConfigError
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, InvalidToken, KeyConfigError, write_key_file
 from .log_writer import WriterLockedError
@@ -49,24 +50,42 @@ def _load(arg: str | None) -> Config:
 # -- serve --
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _effective_config(config: Config) -> dict[str, Any]:
+    """The configuration as logged at start-up: paths only, never key material (there is none in it)."""
+    out: dict[str, Any] = {}
+    for section in ("server", "ingest", "rate_limit", "buffer", "writer", "crypto", "auth"):
+        out[section] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(getattr(config, section)).items()}
+    out["source"] = str(config.source) if config.source else None
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import ssl
 
-    from .http_server import create_app
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from .auth import TokenTable
+    from .http_server import create_app, guarded_protocol
+    from .logs import configure
+    from .metrics import WriterMetrics
     from .service import TelemetryService
 
-    _setup_logging(args.log_level)
+    log_config = configure(args.log_level, args.log_format)
     config = _load(args.config)
     crypto = CryptoService.from_config(config.crypto.key_file)
-    service = TelemetryService.from_config(config, crypto)
+    tokens = TokenTable(config.auth.tokens_file) if config.auth.tokens_file else None
+    registry = CollectorRegistry()
+    service = TelemetryService.from_config(config, crypto, metrics=WriterMetrics(registry))
     service.writer.open()
-    app = create_app(service, config.ingest.max_body_bytes, config.server.shutdown_timeout_s)
-    log.info("speedups implementation: %s; config: %s", speedups.IMPLEMENTATION, config.source or "defaults")
+    srv = config.server
+    app = create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
+                     body_timeout_s=srv.body_timeout_s, high_water_percent=config.buffer.high_water_percent,
+                     registry=registry)
+    log.info("starting: speedups %s, config %s, auth %s, tls %s", speedups.IMPLEMENTATION,
+             config.source or "built-in defaults", f"{len(tokens)} tokens" if tokens else "off",
+             "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
+             extra={"event": "startup", "implementation": speedups.IMPLEMENTATION, "config": _effective_config(config)})
 
     class Server(uvicorn.Server):
         """uvicorn's own signal handling, plus: refuse new ingests from the first signal on."""
@@ -75,12 +94,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
             service.begin_shutdown()
             super().handle_exit(sig, frame)
 
+    for name in ("tls_certfile", "tls_keyfile", "tls_client_ca"):
+        tls_path = getattr(srv, name)
+        if tls_path is not None and not tls_path.is_file():
+            raise CliError(f"[server] {name}: {tls_path} does not exist")
+    tls: dict[str, Any] = {}
+    if srv.tls_certfile is not None:
+        tls = {"ssl_certfile": str(srv.tls_certfile), "ssl_keyfile": str(srv.tls_keyfile)}
+        if srv.tls_client_ca is not None:
+            tls.update(ssl_ca_certs=str(srv.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
     server = Server(uvicorn.Config(
-        app, host=config.server.host, port=config.server.port, loop="uvloop", http="httptools",
-        lifespan="on", access_log=args.access_log, log_level=args.log_level,
-        timeout_graceful_shutdown=config.server.shutdown_timeout_s,
+        app, host=srv.host, port=srv.port, loop="uvloop",
+        http=guarded_protocol(srv.header_timeout_s, srv.max_connections),
+        lifespan="on", access_log=args.access_log, log_level=args.log_level, log_config=log_config,
+        timeout_graceful_shutdown=srv.shutdown_timeout_s, timeout_keep_alive=srv.keep_alive_s,
+        **tls,
     ))
     server.run()
+    return 0
+
+
+# -- token --
+
+
+def cmd_token_add(args: argparse.Namespace) -> int:
+    from .auth import add_token
+
+    config = _load(args.config)
+    path = Path(args.tokens_file) if args.tokens_file else config.auth.tokens_file
+    if path is None:
+        raise CliError("no tokens file: set [auth] tokens_file in the config or pass --tokens-file")
+    token = add_token(path, args.pattern)
+    print(token)
+    print(f"added a token for node ids matching {args.pattern!r} to {path}; this is the only time it is "
+          f"shown. A running server picks it up on SIGHUP.", file=sys.stderr)
     return 0
 
 
@@ -362,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(uvicorn on uvloop + httptools). SIGTERM/SIGINT drain the buffer to disk and exit.")
     config_opt(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text, or one JSON object a line on stderr (default: text)")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it is slow)")
     p.set_defaults(func=cmd_serve)
 
@@ -403,6 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", metavar="PATH", help="key file (default: the configured one)")
     p.set_defaults(func=cmd_rotate_key)
 
+    p = sub.add_parser("token", help="manage bearer tokens ([auth] tokens_file)",
+                       description="Manage the bearer tokens that may write records. Only SHA-256 hashes are stored.")
+    token_sub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    p = token_sub.add_parser("add", help="create a token for NODE_PATTERN, print it once, store its hash",
+                             description="Create a random token allowed to write records whose node_id matches "
+                             "NODE_PATTERN (an exact id or a glob such as 'greenhouse-*'). The token is printed "
+                             "once on stdout; only its SHA-256 goes into the tokens file. Send SIGHUP to a running "
+                             "server to load it.")
+    config_opt(p)
+    p.add_argument("--tokens-file", metavar="PATH", help="tokens file (default: [auth] tokens_file)")
+    p.add_argument("pattern", metavar="NODE_PATTERN")
+    p.set_defaults(func=cmd_token_add)
+
     p = sub.add_parser("info", help="version, implementation, OpenSSL version, config path")
     config_opt(p)
     p.set_defaults(func=cmd_info)
@@ -413,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, KeyConfigError, CliError, WriterLockedError) as exc:
+    except (ConfigError, KeyConfigError, CliError, WriterLockedError, AuthConfigError) as exc:
         print(f"telemetry-sink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

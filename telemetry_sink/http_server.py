@@ -6,7 +6,10 @@ but `IngestFastPath` answers it before routing, dependency injection or pydantic
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,8 +17,12 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import __version__
+from . import __version__, logfile
+from .auth import TokenTable
+from .metrics import SinkCollector, Snapshot
 from .service import IngestError, TelemetryService
 from .speedups import IMPLEMENTATION
 
@@ -32,39 +39,86 @@ MEDIA_TYPES = {
     b"application/x-ndjson": "ndjson",
     b"application/ndjson": "ndjson",
 }
+ENCODINGS = (b"identity", b"gzip", b"x-gzip")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+# Statuses after which the rest of the request body may still be in flight: close the
+# connection rather than keep reading (or trusting) it.
+_CLOSE_AFTER = frozenset((401, 408, 413))
 
 
 def _error(status: int, error: str, detail: str) -> IngestError:
     return IngestError(status, error, detail)
 
 
-class IngestHandler:
-    """The POST /telemetry ASGI handler: headers, bounded body read, service call, reply."""
+def _unauthorized() -> IngestError:
+    exc = IngestError(401, "unauthorized", "a valid `Authorization: Bearer <token>` header is required")
+    exc.headers = [(b"www-authenticate", b'Bearer realm="telemetry-sink"')]
+    return exc
 
-    def __init__(self, service: TelemetryService, max_body_bytes: int) -> None:
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress a gzip body, doing at most `limit` + 1 bytes of output work (413 past it)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise _error(400, "invalid_encoding", f"the gzip body does not decompress: {exc}") from None
+    if len(out) > limit:
+        raise _error(413, "payload_too_large", f"the decompressed body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise _error(400, "invalid_encoding", "the gzip body is truncated")
+    if inflater.unused_data.strip(b"\0"):
+        raise _error(400, "invalid_encoding", "unexpected bytes after the gzip stream")
+    return out
+
+
+class IngestHandler:
+    """The POST /telemetry ASGI handler: headers, auth, bounded body read, service call, reply."""
+
+    def __init__(
+        self,
+        service: TelemetryService,
+        max_body_bytes: int,
+        tokens: TokenTable | None = None,
+        body_timeout_s: float = 30.0,
+    ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
+        self.tokens = tokens
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stats = self.service.stats
         try:
             accepted = await self._handle(scope, receive)
         except IngestError as exc:
             headers = list(_JSON_HEADERS)
             if exc.retry_after is not None:
                 headers.append((b"retry-after", exc.retry_after.encode()))
-            await _reply(send, exc.status, orjson.dumps(exc.body()), headers)
+            if exc.headers:
+                headers.extend(exc.headers)
+            if exc.status in _CLOSE_AFTER:
+                headers.append((b"connection", b"close"))
+            stats.rejected_by_reason[exc.error] = stats.rejected_by_reason.get(exc.error, 0) + 1
+            status = exc.status
+            await _reply(send, status, orjson.dumps(exc.body()), headers)
         except _Disconnected:
             return
         except Exception:
             log.exception("unexpected error while ingesting")
+            status = 500
             await _reply(send, 500, b'{"error":"internal_error","detail":"see the server log"}', _JSON_HEADERS)
         else:
+            stats.records_accepted += accepted
+            status = 202
             await _reply(send, 202, b'{"accepted":%d}' % accepted, _JSON_HEADERS)
+        stats.requests_by_status[status] = stats.requests_by_status.get(status, 0) + 1
 
     async def _handle(self, scope: Scope, receive: Receive) -> int:
         fmt: str | None = None
         length: int | None = None
+        encoding = b"identity"
+        authorization: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 fmt = MEDIA_TYPES.get(value.split(b";", 1)[0].strip().lower())
@@ -76,16 +130,36 @@ class IngestHandler:
                     length = int(value)
                 except ValueError:
                     raise _error(400, "invalid_request", "Content-Length is not a number") from None
+            elif name == b"content-encoding":
+                encoding = value.strip().lower()
+            elif name == b"authorization":
+                authorization = value
+        principal = None
+        if self.tokens is not None:
+            principal = self.tokens.authenticate(authorization)
+            if principal is None:
+                raise _unauthorized()
         if fmt is None:
             raise _error(415, "unsupported_media_type",
                          "Content-Type must be application/json or application/x-ndjson")
+        if encoding not in ENCODINGS:
+            raise _error(415, "unsupported_media_type",
+                         f"Content-Encoding {encoding.decode('latin-1')!r} is not supported (use gzip or none)")
         if self.service.closing:
             raise _error(503, "shutting_down", "the server is shutting down")
         limit = self.max_body_bytes
         if length is not None and length > limit:
             raise _error(413, "payload_too_large", f"the body is {length} bytes; the limit is {limit}")
-        body = await _read_body(receive, limit)
-        return await self.service.ingest(body, fmt)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                wire = await _read_body(receive, limit)
+        except TimeoutError:
+            raise _error(408, "request_timeout",
+                         f"the body did not arrive within {self.body_timeout_s:g} seconds") from None
+        self.service.stats.bytes_received += len(wire)
+        body = wire if encoding == b"identity" else gunzip_bounded(wire, limit)
+        client = scope.get("client")
+        return await self.service.ingest(body, fmt, len(wire), principal, client[0] if client else None)
 
 
 class _Disconnected(Exception):
@@ -124,6 +198,51 @@ async def _reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes
     headers = [*headers, (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol plus what it lacks against slow or piled-up clients: a
+    connection limit (excess connections are closed at once) and a deadline for the request
+    head (a silent or header-trickling client is cut off). Bodies have their own deadline."""
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("connection limit (%d) reached: closing a new connection", max_connections)
+                transport.close()
+                return
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm_head_timer()  # a keep-alive connection's next request starts its clock
+
+        def on_headers_complete(self) -> None:
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+    return GuardedHttpToolsProtocol
 
 
 class IngestFastPath:
@@ -187,9 +306,12 @@ def _response(description: str, schema: dict[str, Any], retry_after: bool = Fals
 
 _INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: _response("All records accepted", {"type": "object", "properties": {"accepted": {"type": "integer"}}}),
-    400: _response("The body is not valid JSON / NDJSON", _ERROR_SCHEMA),
-    413: _response("The body exceeds max_body_bytes", _ERROR_SCHEMA),
-    415: _response("Unsupported Content-Type", _ERROR_SCHEMA),
+    400: _response("The body is not valid JSON / NDJSON, or its gzip encoding is broken", _ERROR_SCHEMA),
+    401: _response("Auth is on and the bearer token is missing or unknown", _ERROR_SCHEMA),
+    403: _response("The token may not write a record's node_id (index names it)", _ERROR_SCHEMA),
+    408: _response("The body did not arrive within body_timeout_s", _ERROR_SCHEMA),
+    413: _response("The body (or its decompressed form) exceeds max_body_bytes", _ERROR_SCHEMA),
+    415: _response("Unsupported Content-Type or Content-Encoding", _ERROR_SCHEMA),
     422: _response("A record is invalid (index names the first); nothing was stored", _ERROR_SCHEMA),
     429: _response("The global rate limit is exceeded", _ERROR_SCHEMA, retry_after=True),
     503: _response("The buffer is full, the log cannot be written, or the server is shutting down",
@@ -198,19 +320,79 @@ _INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(service: TelemetryService, max_body_bytes: int, shutdown_timeout_s: float = 30.0) -> ASGIApp:
+def _snapshot(service: TelemetryService) -> Snapshot:
+    segments = 0
+    segment_bytes = 0
+    for path in logfile.list_segments(service.writer.directory):
+        try:
+            segment_bytes += path.stat().st_size
+        except FileNotFoundError:  # deleted by retention meanwhile
+            continue
+        segments += 1
+    stats, wstats = service.stats, service.writer.stats
+    return Snapshot(
+        implementation=IMPLEMENTATION,
+        requests_by_status=dict(stats.requests_by_status),
+        rejected_by_reason=dict(stats.rejected_by_reason),
+        records_accepted=stats.records_accepted,
+        bytes_received=stats.bytes_received,
+        buffer_records=service.buffer.records,
+        buffer_bytes=service.buffer.bytes,
+        records_written=wstats.records,
+        write_errors=wstats.write_errors,
+        segments=segments,
+        segment_bytes=segment_bytes,
+        extra={"rate_limit_node_buckets": service.rate_limiter.node_buckets,
+               "segments_deleted_total": wstats.segments_deleted},
+    )
+
+
+def readiness(service: TelemetryService, high_water_percent: int) -> list[str]:
+    """Why the server should not get traffic now; [] means ready."""
+    reasons = []
+    if not service.writer_alive:
+        reasons.append("the writer is not running")
+    if service.closing:
+        reasons.append("shutting down")
+    if service.writer.stats.last_error is not None:
+        reasons.append(f"the last write failed: {service.writer.stats.last_error}")
+    buf = service.buffer
+    high_records = buf.records * 100 >= buf.max_records * high_water_percent
+    if high_records or buf.bytes * 100 >= buf.max_bytes * high_water_percent:
+        reasons.append(f"the buffer is above {high_water_percent}% of its bounds")
+    return reasons
+
+
+def create_app(
+    service: TelemetryService,
+    max_body_bytes: int,
+    shutdown_timeout_s: float = 30.0,
+    *,
+    tokens: TokenTable | None = None,
+    body_timeout_s: float = 30.0,
+    high_water_percent: int = 90,
+    registry: CollectorRegistry | None = None,
+) -> ASGIApp:
     """Build the ASGI app; its lifespan starts the writer task and drains it on shutdown."""
+    registry = registry if registry is not None else CollectorRegistry()
+    registry.register(SinkCollector(lambda: _snapshot(service)))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        loop = asyncio.get_running_loop()
+        if tokens is not None:
+            loop.add_signal_handler(signal.SIGHUP, tokens.reload)
         log.info("telemetry-sink %s ready (speedups: %s, writer series %s, next sequence %d)",
-                 __version__, IMPLEMENTATION, service.writer.series, service.writer.next_seq)
+                 __version__, IMPLEMENTATION, service.writer.series, service.writer.next_seq,
+                 extra={"event": "ready"})
         yield
+        if tokens is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         await service.stop(shutdown_timeout_s)
 
     api = FastAPI(title="telemetry-sink", version=__version__, lifespan=lifespan)
-    handler = IngestHandler(service, max_body_bytes)
+    handler = IngestHandler(service, max_body_bytes, tokens, body_timeout_s)
 
     @api.post("/telemetry", status_code=202, openapi_extra=_INGEST_OPENAPI, responses=_INGEST_RESPONSES,
               summary="Ingest telemetry records (all or nothing)")
@@ -228,5 +410,16 @@ def create_app(service: TelemetryService, max_body_bytes: int, shutdown_timeout_
             "last_write_error": service.writer.stats.last_error,
         }
         return JSONResponse(body, status_code=200 if alive else 503)
+
+    @api.get("/readyz", summary="Readiness: 200 only when writes succeed and the buffer has room")
+    async def readyz() -> Response:
+        reasons = readiness(service, high_water_percent)
+        if reasons:
+            return JSONResponse({"status": "not_ready", "reasons": reasons}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @api.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return IngestFastPath(api, handler)

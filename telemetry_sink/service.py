@@ -49,6 +49,7 @@ class IngestError(Exception):
         self.detail = detail
         self.index = index
         self.retry_after = retry_after
+        self.headers: list[tuple[bytes, bytes]] = []  # extra response headers (e.g. WWW-Authenticate)
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.error}
