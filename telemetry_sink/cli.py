@@ -59,41 +59,67 @@ def _effective_config(config: Config) -> dict[str, Any]:
     return out
 
 
+SERVE_ENV = "TELEMETRY_SINK_SERVE_ARGS"  # how `serve` hands its arguments to worker processes
+_serving: list[Any] = []  # the TelemetryService of this process, for the signal hook
+
+
+def build_app(config: Config, *, slots: int = 1) -> Any:
+    """Wire the service, open its writer (claiming a segment series) and build the ASGI app."""
+    from prometheus_client import CollectorRegistry
+
+    from .auth import TokenTable
+    from .http_server import configure_guard, create_app
+    from .metrics import WriterMetrics
+    from .service import TelemetryService
+
+    crypto = CryptoService.from_config(config.crypto.key_file)
+    tokens = TokenTable(config.auth.tokens_file) if config.auth.tokens_file else None
+    registry = CollectorRegistry()
+    service = TelemetryService.from_config(config, crypto, slots=slots, metrics=WriterMetrics(registry))
+    service.writer.open()
+    _serving[:] = [service]
+    srv = config.server
+    configure_guard(srv.header_timeout_s, srv.max_connections)
+    return create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
+                      body_timeout_s=srv.body_timeout_s, high_water_percent=config.buffer.high_water_percent,
+                      registry=registry)
+
+
+def worker_app() -> Any:
+    """uvicorn app factory run in each worker process when [server] workers > 1."""
+    params = orjson.loads(os.environ[SERVE_ENV])
+    config = load_config(Path(params["config"]) if params["config"] else None)
+    return build_app(config, slots=config.server.workers)
+
+
+def _uvicorn_server_class() -> type[Any]:
+    import uvicorn
+
+    class SinkServer(uvicorn.Server):
+        """uvicorn's own signal handling, plus: refuse new ingests from the first signal on."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            for service in _serving:
+                service.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    return SinkServer
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ssl
 
     import uvicorn
-    from prometheus_client import CollectorRegistry
+    from uvicorn.supervisors import Multiprocess
 
     from .auth import TokenTable
-    from .http_server import create_app, guarded_protocol
+    from .http_server import GuardedHttpToolsProtocol
     from .logs import configure
-    from .metrics import WriterMetrics
-    from .service import TelemetryService
 
     log_config = configure(args.log_level, args.log_format)
-    config = _load(args.config)
-    crypto = CryptoService.from_config(config.crypto.key_file)
-    tokens = TokenTable(config.auth.tokens_file) if config.auth.tokens_file else None
-    registry = CollectorRegistry()
-    service = TelemetryService.from_config(config, crypto, metrics=WriterMetrics(registry))
-    service.writer.open()
+    path = _config_path(args.config)
+    config = load_config(path)
     srv = config.server
-    app = create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
-                     body_timeout_s=srv.body_timeout_s, high_water_percent=config.buffer.high_water_percent,
-                     registry=registry)
-    log.info("starting: speedups %s, config %s, auth %s, tls %s", speedups.IMPLEMENTATION,
-             config.source or "built-in defaults", f"{len(tokens)} tokens" if tokens else "off",
-             "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
-             extra={"event": "startup", "implementation": speedups.IMPLEMENTATION, "config": _effective_config(config)})
-
-    class Server(uvicorn.Server):
-        """uvicorn's own signal handling, plus: refuse new ingests from the first signal on."""
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            service.begin_shutdown()
-            super().handle_exit(sig, frame)
-
     for name in ("tls_certfile", "tls_keyfile", "tls_client_ca"):
         tls_path = getattr(srv, name)
         if tls_path is not None and not tls_path.is_file():
@@ -103,14 +129,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls = {"ssl_certfile": str(srv.tls_certfile), "ssl_keyfile": str(srv.tls_keyfile)}
         if srv.tls_client_ca is not None:
             tls.update(ssl_ca_certs=str(srv.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
-    server = Server(uvicorn.Config(
-        app, host=srv.host, port=srv.port, loop="uvloop",
-        http=guarded_protocol(srv.header_timeout_s, srv.max_connections),
-        lifespan="on", access_log=args.access_log, log_level=args.log_level, log_config=log_config,
-        timeout_graceful_shutdown=srv.shutdown_timeout_s, timeout_keep_alive=srv.keep_alive_s,
-        **tls,
-    ))
-    server.run()
+    common: dict[str, Any] = dict(
+        host=srv.host, port=srv.port, loop="uvloop", http=GuardedHttpToolsProtocol, lifespan="on",
+        access_log=args.access_log, log_level=args.log_level, log_config=log_config,
+        timeout_graceful_shutdown=srv.shutdown_timeout_s, timeout_keep_alive=srv.keep_alive_s, **tls,
+    )
+    log.info("starting: speedups %s, config %s, %d worker(s), auth %s, tls %s", speedups.IMPLEMENTATION,
+             config.source or "built-in defaults", srv.workers, "on" if config.auth.tokens_file else "off",
+             "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
+             extra={"event": "startup", "implementation": speedups.IMPLEMENTATION,
+                    "config": _effective_config(config)})
+    if srv.workers == 1:
+        app = build_app(config)
+        _uvicorn_server_class()(uvicorn.Config(app, **common)).run()
+        return 0
+    # Fail fast, with one line, on what every worker would fail on.
+    CryptoService.from_config(config.crypto.key_file)
+    if config.auth.tokens_file:
+        TokenTable(config.auth.tokens_file)
+    os.environ[SERVE_ENV] = orjson.dumps({"config": str(path.resolve()) if path else None}).decode()
+    # uvicorn's supervisor: it forwards signals to the workers, each of which drains its own
+    # writer on shutdown (their lifespan), and restarts workers on SIGHUP.
+    uv_config = uvicorn.Config("telemetry_sink.cli:worker_app", factory=True, workers=srv.workers, **common)
+    Multiprocess(uv_config, sockets=[uv_config.bind_socket()]).run()
     return 0
 
 

@@ -75,6 +75,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
     "server": {
         "host": (_text, "127.0.0.1"),
         "port": (_port, "8080"),
+        "workers": (_positive_int, "1"),
         "shutdown_timeout_s": (_positive_int, "30"),
         "max_connections": (_positive_int, "1024"),
         "header_timeout_s": (_positive_int, "10"),
@@ -126,6 +127,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
 class ServerConfig:
     host: str
     port: int
+    workers: int
     shutdown_timeout_s: int
     max_connections: int
     header_timeout_s: int
@@ -265,10 +267,12 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
 
 def _check_combinations(c: Config) -> None:
-    if c.rate_limit.bytes_per_second > 0 and c.ingest.max_body_bytes > c.rate_limit.burst_bytes:
+    share = c.rate_limit.burst_bytes // c.server.workers  # each worker gets an even share
+    if c.rate_limit.bytes_per_second > 0 and c.ingest.max_body_bytes > share:
+        per_worker = f" / {c.server.workers} workers = {share}" if c.server.workers > 1 else ""
         raise ConfigError(
             f"[ingest] max_body_bytes: {c.ingest.max_body_bytes} exceeds [rate_limit] burst_bytes "
-            f"{c.rate_limit.burst_bytes}, so a request that large could never pass the rate limit"
+            f"{c.rate_limit.burst_bytes}{per_worker}, so a request that large could never pass the rate limit"
         )
     if c.buffer.max_bytes < c.ingest.max_body_bytes:
         raise ConfigError(

@@ -200,48 +200,57 @@ async def _reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus what it lacks against slow or piled-up clients: a
     connection limit (excess connections are closed at once) and a deadline for the request
-    head (a silent or header-trickling client is cut off). Bodies have their own deadline."""
+    head (a silent or header-trickling client is cut off). Bodies have their own deadline.
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        _head_timer: asyncio.TimerHandle | None = None
+    Module-level (so uvicorn can hand it to worker processes); `configure_guard` sets limits.
+    """
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                log.warning("connection limit (%d) reached: closing a new connection", max_connections)
-                transport.close()
-                return
-            self._arm_head_timer()
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
+    _head_timer: asyncio.TimerHandle | None = None
 
-        def _arm_head_timer(self) -> None:
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            log.warning("connection limit (%d) reached: closing a new connection", self.max_connections)
+            transport.close()
+            return
+        self._arm_head_timer()
 
-        def _disarm_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
-        def _head_timed_out(self) -> None:
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
             self._head_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm_head_timer()  # a keep-alive connection's next request starts its clock
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
-        def on_headers_complete(self) -> None:
-            self._disarm_head_timer()
-            super().on_headers_complete()
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_head_timer()  # a keep-alive connection's next request starts its clock
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_head_timer()
-            super().connection_lost(exc)
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+
+def configure_guard(header_timeout_s: float, max_connections: int) -> type[GuardedHttpToolsProtocol]:
+    """Set the limits GuardedHttpToolsProtocol enforces in this process; return the class."""
+    GuardedHttpToolsProtocol.header_timeout_s = header_timeout_s
+    GuardedHttpToolsProtocol.max_connections = max_connections
     return GuardedHttpToolsProtocol
 
 

@@ -166,7 +166,9 @@ class LogWriter:
     def open(self) -> Recovery:
         """Claim a series (an flock'd lock file per slot), recover its tail, open for append."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for slot in range(self.slots):
+        # Twice as many series as workers: a replacement worker started while its predecessor
+        # still drains (uvicorn's restart on SIGHUP) takes a spare series instead of failing.
+        for slot in range(self.slots if self.slots == 1 else 2 * self.slots):
             series = f"w{slot}"
             fd = os.open(self.directory / f"{series}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -178,7 +180,7 @@ class LogWriter:
             break
         else:
             raise WriterLockedError(
-                f"{self.directory}: all {self.slots} segment series are locked by other running writers"
+                f"{self.directory}: every segment series is locked by another running writer"
             )
         recovery = recover_series(self.directory, self.series)
         self.next_seq = recovery.next_seq

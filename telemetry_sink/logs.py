@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import logging.config
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,7 +42,7 @@ def configure(level: str = "info", fmt: str = "text") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": sys.stderr}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level.upper()},
         "loggers": {
             "uvicorn": {"handlers": [], "level": level.upper(), "propagate": True},

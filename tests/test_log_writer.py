@@ -134,7 +134,7 @@ async def test_segment_torn_while_being_created(tmp_path: Path, crypto: CryptoSe
 def test_a_second_writer_cannot_take_the_same_series(tmp_path: Path, crypto: CryptoService) -> None:
     first = make_writer(tmp_path, crypto, slots=2)
     first.open()
-    with pytest.raises(WriterLockedError, match="locked by other running writers"):
+    with pytest.raises(WriterLockedError, match="locked by another running writer"):
         make_writer(tmp_path, crypto).open()
     second = make_writer(tmp_path, crypto, slots=2)
     second.open()
