@@ -83,6 +83,12 @@ class BufferManager:
         """Wait until `batch_size` records are queued, or the oldest has waited `linger_s`,
         or the buffer is closed, then take up to `batch_size` records. [] means closed and empty.
         """
+        batches = await self.next_batches(batch_size, linger_s, 1)
+        return batches[0] if batches else []
+
+    async def next_batches(self, batch_size: int, linger_s: float, max_batches: int) -> list[list[bytes]]:
+        """Like next_batch, but also takes up to `max_batches` - 1 further full batches
+        when that many are already waiting. [] means closed and empty."""
         self._batch_size = batch_size
         while True:
             if not self._queue:
@@ -98,7 +104,12 @@ class BufferManager:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), remaining)
                     continue
-            return self._take(batch_size)
+            batches = [self._take(batch_size)]
+            # A backlog: hand over further full batches in the same call, so the writer's
+            # per-call costs (thread hand-off, write, fsync) are shared by more records.
+            while len(batches) < max_batches and len(self._queue) >= batch_size:
+                batches.append(self._take(batch_size))
+            return batches
 
     def _take(self, batch_size: int) -> list[bytes]:
         queue = self._queue

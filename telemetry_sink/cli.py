@@ -106,6 +106,15 @@ def _uvicorn_server_class() -> type[Any]:
     return SinkServer
 
 
+def _log_startup(config: Config) -> None:
+    srv = config.server
+    log.info("starting: speedups %s, config %s, %d worker(s), auth %s, tls %s", speedups.IMPLEMENTATION,
+             config.source or "built-in defaults", srv.workers, "on" if config.auth.tokens_file else "off",
+             "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
+             extra={"event": "startup", "implementation": speedups.IMPLEMENTATION,
+                    "config": _effective_config(config)})
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ssl
 
@@ -134,19 +143,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=args.access_log, log_level=args.log_level, log_config=log_config,
         timeout_graceful_shutdown=srv.shutdown_timeout_s, timeout_keep_alive=srv.keep_alive_s, **tls,
     )
-    log.info("starting: speedups %s, config %s, %d worker(s), auth %s, tls %s", speedups.IMPLEMENTATION,
-             config.source or "built-in defaults", srv.workers, "on" if config.auth.tokens_file else "off",
-             "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
-             extra={"event": "startup", "implementation": speedups.IMPLEMENTATION,
-                    "config": _effective_config(config)})
     if srv.workers == 1:
         app = build_app(config)
+        _log_startup(config)
         _uvicorn_server_class()(uvicorn.Config(app, **common)).run()
         return 0
     # Fail fast, with one line, on what every worker would fail on.
     CryptoService.from_config(config.crypto.key_file)
     if config.auth.tokens_file:
         TokenTable(config.auth.tokens_file)
+    _log_startup(config)
     os.environ[SERVE_ENV] = orjson.dumps({"config": str(path.resolve()) if path else None}).decode()
     # uvicorn's supervisor: it forwards signals to the workers, each of which drains its own
     # writer on shutdown (their lifespan), and restarts workers on SIGHUP.

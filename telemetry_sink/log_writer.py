@@ -24,6 +24,8 @@ log = logging.getLogger("telemetry_sink.writer")
 
 FSYNC_POLICIES = ("batch", "interval", "never")
 _BACKOFF_MIN_S = 0.05
+# With a backlog, up to this many full batches go to the writer thread in one hand-off.
+MAX_BATCHES_PER_WRITE = 8
 _BACKOFF_MAX_S = 2.0
 
 
@@ -107,7 +109,8 @@ def recover_series(directory: Path, series: str) -> Recovery:
         f.truncate(cut_at)
         os.fsync(f.fileno())
     log.warning("segment %s ended in a torn batch: cut %d bytes at offset %d; next sequence number %d",
-                newest, size - cut_at, cut_at, next_seq)
+                newest, size - cut_at, cut_at, next_seq,
+                extra={"event": "torn_tail_cut", "segment": newest.name, "bytes": size - cut_at})
     return Recovery(newest, next_seq, size - cut_at, first_created_ms)
 
 
@@ -197,7 +200,7 @@ class LogWriter:
             _write_all(fd, logfile.FILE_HEADER_BYTES)
             os.fsync(fd)
             _fsync_dir(path.parent)
-            log.info("opened segment %s", path.name)
+            log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
         self._fd, self._segment = fd, path
         self._size = os.fstat(fd).st_size
         self._segment_born = time.time()
@@ -207,7 +210,9 @@ class LogWriter:
             return
         os.fsync(self._fd)
         os.close(self._fd)
-        log.info("sealed segment %s (%d bytes)", self._segment.name if self._segment else "?", self._size)
+        name = self._segment.name if self._segment else "?"
+        log.info("sealed segment %s (%d bytes)", name, self._size,
+                 extra={"event": "segment_sealed", "segment": name, "bytes": self._size})
         self._fd, self._segment, self._dirty = None, None, False
         self.stats.segments_sealed += 1
 
@@ -221,11 +226,18 @@ class LogWriter:
 
     # -- the writer thread --
 
-    def _write_batch(self, records: list[bytes]) -> None:
+    def _write_batches(self, batches: list[list[bytes]]) -> None:
+        """Frame and encrypt each batch, then append them all with one write (and one fsync)."""
         assert self.series is not None, "open() first"
         started = time.perf_counter()
         now = time.time()
-        data = self._framer.frame(self.next_seq, int(now * 1000), records)
+        created_ms = int(now * 1000)
+        seq = self.next_seq
+        frames = []
+        for records in batches:
+            frames.append(self._framer.frame(seq, created_ms, records))
+            seq += len(records)
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
         if self._fd is not None and self._too_old(now):
             self._seal()
         if self._fd is None:
@@ -238,18 +250,19 @@ class LogWriter:
             raise
         self._size += len(data)
         self._dirty = True
-        self.next_seq += len(records)
+        self.next_seq = seq
         if self.metrics is not None:
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_records.observe(len(records))
+            for records in batches:
+                self.metrics.batch_records.observe(len(records))
         due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
         if self.durable or self.fsync_policy == "batch" or due:
             self._fsync()
         if self._size >= self.max_segment_bytes:
             self._seal()
             self._apply_retention()
-        self.stats.batches += 1
-        self.stats.records += len(records)
+        self.stats.batches += len(batches)
+        self.stats.records += sum(map(len, batches))
         self.stats.bytes += len(data)
 
     def _undo_partial_write(self) -> None:
@@ -286,8 +299,10 @@ class LogWriter:
             path.unlink()
             total -= sizes[path]
             self.stats.segments_deleted += 1
-            log.info("retention: deleted segment %s (%d bytes, %s)", path.name, sizes[path],
-                     "over retention_bytes" if too_big else "older than retention_days")
+            reason = "over retention_bytes" if too_big else "older than retention_days"
+            log.info("retention: deleted segment %s (%d bytes, %s)", path.name, sizes[path], reason,
+                     extra={"event": "retention_delete", "segment": path.name, "bytes": sizes[path],
+                            "reason": reason})
 
     def _housekeeping(self) -> None:
         """Periodic, on the writer thread: fsync an idle tail, seal an aged segment, retention."""
@@ -316,26 +331,28 @@ class LogWriter:
         backoff = _BACKOFF_MIN_S
         try:
             while True:
-                batch = await buffer.next_batch(self.batch_size, self.linger_s)
-                if not batch:
+                batches = await buffer.next_batches(self.batch_size, self.linger_s, MAX_BATCHES_PER_WRITE)
+                if not batches:
                     return
                 try:
-                    await loop.run_in_executor(self._executor, self._write_batch, batch)
+                    await loop.run_in_executor(self._executor, self._write_batches, batches)
                 except OSError as exc:
                     self.stats.write_errors += 1
                     self.stats.last_errno = exc.errno
                     self.stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
                     self.stats.retry_at = time.monotonic() + backoff
+                    records = [r for batch in batches for r in batch]
                     if self.durable:
                         # Nobody got a 202 for these: fail their requests rather than retry.
-                        log.error("write of %d records failed (%s); failing their requests", len(batch),
-                                  self.stats.last_error)
-                        buffer.discard(batch, exc)
+                        log.error("write of %d records failed (%s); failing their requests", len(records),
+                                  self.stats.last_error, extra={"event": "write_error"})
+                        for batch in batches:
+                            buffer.discard(batch, exc)
                     else:
                         # These were acknowledged: keep them and retry until the disk recovers.
-                        log.error("write of %d records failed (%s); retrying in %.2fs", len(batch),
-                                  self.stats.last_error, backoff)
-                        buffer.requeue(batch)
+                        log.error("write of %d records failed (%s); retrying in %.2fs", len(records),
+                                  self.stats.last_error, backoff, extra={"event": "write_error"})
+                        buffer.requeue(records)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX_S)
                     continue
@@ -343,7 +360,8 @@ class LogWriter:
                     log.warning("writes succeed again after %s", self.stats.last_error)
                     self.stats.last_error = self.stats.last_errno = None
                 backoff = _BACKOFF_MIN_S
-                buffer.stored(batch)
+                for batch in batches:
+                    buffer.stored(batch)
         finally:
             ticker.cancel()
             await loop.run_in_executor(self._executor, self._seal_quietly)

@@ -124,7 +124,10 @@ def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], 
             raise _invalid(index, f"ts must be a number (Unix seconds), not {_json_type(ts)}")
     dumps = orjson.dumps
     try:
-        plaintexts = [dumps(r) for r in values]
+        # orjson returns each result in an oversized allocation (about 4 KiB for a 150-byte
+        # record) that it never shrinks: copying to an exact-size bytes keeps a full buffer at
+        # ~20 MiB instead of ~400 MiB, and is faster too (the big block is reused at once).
+        plaintexts = [bytes(memoryview(dumps(r))) for r in values]
     except orjson.JSONEncodeError:
         # orjson parses deeper nesting than it will serialise: name the record, no 500.
         for index, record in enumerate(values):
@@ -189,6 +192,11 @@ class TelemetryService:
         """
         if self.closing:
             raise IngestError(503, "shutting_down", "the server is shutting down")
+        buffer = self.buffer
+        if buffer.records >= buffer.max_records or buffer.bytes >= buffer.max_bytes:
+            # Full already: answer before spending CPU on parsing (the writer needs it).
+            raise IngestError(503, "buffer_full", "the write buffer is full; retry later",
+                              retry_after=BufferFull.retry_after_header)
         stats = self.writer.stats
         if stats.last_error is not None and (not self.durable or time.monotonic() < stats.retry_at):
             # Refuse new records while the disk refuses ours. Buffered: the writer keeps
@@ -281,9 +289,12 @@ class TelemetryService:
                 await asyncio.wait_for(asyncio.shield(task), timeout_s)
             except TimeoutError:
                 log.error("shutdown: %d buffered records were not written within %ss", self.buffer.records,
-                          timeout_s)
+                          timeout_s, extra={"event": "shutdown_records_lost", "records": self.buffer.records})
                 task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
         stats = self.writer.stats
         log.info("shutdown complete: %d records in %d batches written this run; next sequence number %d",
-                 stats.records, stats.batches, self.writer.next_seq)
+                 stats.records, stats.batches, self.writer.next_seq,
+                 extra={"event": "shutdown", "records_written": stats.records, "batches": stats.batches,
+                        "write_errors": stats.write_errors, "records_accepted": self.stats.records_accepted,
+                        "requests_by_status": {str(k): v for k, v in self.stats.requests_by_status.items()}})

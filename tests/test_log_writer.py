@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from telemetry_sink import log_writer, logfile
 from telemetry_sink.buffer import BufferManager
 from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.log_writer import LogWriter, WriterLockedError
+from telemetry_sink.metrics import WriterMetrics
 
 
 @pytest.fixture
@@ -42,13 +44,20 @@ def read_all(directory: Path, crypto: CryptoService) -> list[tuple[int, bytes]]:
     return out
 
 
-async def write_records(writer: LogWriter, records: list[bytes], per_put: int = 1) -> BufferManager:
+async def write_records(writer: LogWriter, records: list[bytes], per_put: int = 1,
+                        one_write_each: bool = False) -> BufferManager:
+    """Put `records` `per_put` at a time; with `one_write_each`, wait until each put is written
+    (so every put becomes its own write instead of joining a backlog)."""
     buf = BufferManager(100_000, 1 << 30)
     task = asyncio.create_task(writer.run(buf))
     for i in range(0, len(records), per_put):
         chunk = records[i : i + per_put]
         buf.put(chunk, sum(map(len, chunk)))
         await asyncio.sleep(0)
+        for _ in range(1000 if one_write_each else 0):
+            if buf.records == 0:
+                break
+            await asyncio.sleep(0.002)
     buf.close()
     await asyncio.wait_for(task, 30)
     return buf
@@ -72,7 +81,7 @@ async def test_segments_roll_over_and_sort_in_write_order(tmp_path: Path, crypto
     writer = make_writer(tmp_path, crypto, batch_size=5, max_segment_bytes=2000)
     writer.open()
     records = [b"r%04d" % i * 20 for i in range(100)]
-    await write_records(writer, records, per_put=5)
+    await write_records(writer, records, per_put=5, one_write_each=True)
     writer.close()
     segments = logfile.list_segments(tmp_path)
     assert len(segments) > 3
@@ -276,7 +285,7 @@ async def test_retention_deletes_oldest_sealed_segments_first(tmp_path: Path, cr
     writer = make_writer(tmp_path, crypto, batch_size=5, max_segment_bytes=1500, retention_bytes=4000)
     writer.open()
     with caplog.at_level(logging.INFO, logger="telemetry_sink.writer"):
-        await write_records(writer, [b"r%04d" % i * 20 for i in range(200)], per_put=5)
+        await write_records(writer, [b"r%04d" % i * 20 for i in range(200)], per_put=5, one_write_each=True)
     writer.close()
     segments = logfile.list_segments(tmp_path)
     sizes = [p.stat().st_size for p in segments]
@@ -290,7 +299,7 @@ async def test_retention_deletes_oldest_sealed_segments_first(tmp_path: Path, cr
 async def test_retention_by_age_never_deletes_the_active_segment(tmp_path: Path, crypto: CryptoService) -> None:
     writer = make_writer(tmp_path, crypto, batch_size=5, max_segment_bytes=2000, retention_days=1)
     writer.open()
-    await write_records(writer, [b"x" * 40 for _ in range(35)], per_put=5)
+    await write_records(writer, [b"x" * 40 for _ in range(35)], per_put=5, one_write_each=True)
     writer.close()
     segments = logfile.list_segments(tmp_path)
     assert len(segments) > 2
@@ -302,3 +311,24 @@ async def test_retention_by_age_never_deletes_the_active_segment(tmp_path: Path,
     writer.close()
     left = logfile.list_segments(tmp_path)
     assert left == segments[-1:]  # the one a writer appends to is kept
+
+
+async def test_a_backlog_goes_to_the_writer_thread_several_batches_at_a_time(tmp_path: Path,
+                                                                            crypto: CryptoService) -> None:
+    registry = CollectorRegistry()
+    writer = make_writer(tmp_path, crypto, batch_size=10, metrics=WriterMetrics(registry))
+    writer.open()
+    records = [b"b%d" % i for i in range(100)]
+    buf = BufferManager(1000, 1 << 20)
+    buf.put(records, sum(map(len, records)))  # a backlog of 10 full batches before the writer runs
+    buf.close()
+    await writer.run(buf)
+    writer.close()
+    assert writer.stats.batches == 10
+    writes = registry.get_sample_value("telemetry_sink_flush_seconds_count")
+    assert writes is not None and writes <= 2  # 8 batches per hand-off at most: 8 + 2
+    assert registry.get_sample_value("telemetry_sink_batch_records_count") == 10
+    with logfile.SegmentImage(logfile.list_segments(tmp_path)[0]) as seg:
+        counts = [b.count for b in seg.batches() if isinstance(b, logfile.Batch)]
+    assert counts == [10] * 10  # still batch_size records a batch, in order
+    assert read_all(tmp_path, crypto) == list(enumerate(records))
