@@ -32,12 +32,22 @@ E2E_POINTS = [
     ("single", "raw"), ("single", "product"), ("single", "naive"),
     ("array100", "raw"), ("array100", "product"), ("array100", "naive"), ("array100", "product-twin"),
     ("ndjson100", "raw"), ("ndjson100", "product"),
+    # [ingest] ack = durable against the default buffered acks, same run
+    ("single", "product-durable"), ("array100", "product-durable"),
+    # [server] workers = 2 against one worker, same run
+    ("single", "product-2w"), ("array100", "product-2w"),
 ]
+VARIANTS: dict[str, harness.ConfigValues] = {
+    "product-durable": {"ingest": {"ack": "durable"}},
+    "product-2w": {"server": {"workers": 2}},
+}
 
 
 def start(kind: str, workdir: Path, extra: harness.ConfigValues) -> harness.Server:
     if kind == "product":
         return harness.start_product(workdir, extra=extra)
+    if kind in VARIANTS:
+        return harness.start_product(workdir, extra=harness.merge_config(VARIANTS[kind], extra), name=kind)
     if kind == "product-twin":
         return harness.start_product(workdir, extra=extra, env={"TELEMETRY_SINK_NO_EXTENSIONS": "1"},
                                      name="product-twin")
