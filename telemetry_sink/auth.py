@@ -107,9 +107,13 @@ def add_token(path: Path, pattern: str) -> str:
         raise AuthConfigError("the node id pattern must be non-empty and contain no white space")
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    line = f"{pattern} {hash_token(token)}\n".encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, f"{pattern} {hash_token(token)}\n".encode())
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a hand-edited file without a final newline: keep lines apart
+        os.write(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -356,6 +356,10 @@ def _snapshot(service: TelemetryService) -> Snapshot:
     )
 
 
+def _nothing_to_reload() -> None:
+    log.info("SIGHUP: no [auth] tokens_file to reload")
+
+
 def readiness(service: TelemetryService, high_water_percent: int) -> list[str]:
     """Why the server should not get traffic now; [] means ready."""
     reasons = []
@@ -390,14 +394,13 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
         loop = asyncio.get_running_loop()
-        if tokens is not None:
-            loop.add_signal_handler(signal.SIGHUP, tokens.reload)
+        # SIGHUP reloads the tokens file; without one it is logged, not fatal (its default).
+        loop.add_signal_handler(signal.SIGHUP, tokens.reload if tokens is not None else _nothing_to_reload)
         log.info("telemetry-sink %s ready (speedups: %s, writer series %s, next sequence %d)",
                  __version__, IMPLEMENTATION, service.writer.series, service.writer.next_seq,
                  extra={"event": "ready"})
         yield
-        if tokens is not None:
-            loop.remove_signal_handler(signal.SIGHUP)
+        loop.remove_signal_handler(signal.SIGHUP)
         await service.stop(shutdown_timeout_s)
 
     api = FastAPI(title="telemetry-sink", version=__version__, lifespan=lifespan)
