@@ -38,6 +38,9 @@ stamp=.venv/.telemetry-sink-installed
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py -newer "$stamp" 2>/dev/null)" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[test]"
+    # The coverage-guided fuzzer is best-effort: a prebuilt wheel or nothing (its test skips).
+    .venv/bin/python -m pip install -q --only-binary=:all: atheris ||
+        echo "bootstrap: note: no atheris wheel for this platform; its fuzz test will be skipped"
     touch "$stamp"
 fi
 # Compile (or re-compile) the extension in place; falls back to the pure-Python twin with a warning.

@@ -47,7 +47,8 @@ def write_key_file(path: Path) -> None:
 
 def _decode_key(text: str, where: str) -> bytes:
     try:
-        raw = base64.urlsafe_b64decode(text.encode("ascii"))
+        # Strict: exactly 44 URL-safe base64 characters, nothing ignored after the padding.
+        raw = base64.b64decode(text.encode("ascii"), altchars=b"-_", validate=True) if len(text) == 44 else b""
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raw = b""
     if len(raw) != 32:
