@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -42,6 +43,19 @@ def speedups_impl(request: pytest.FixtureRequest) -> ModuleType:
 # -- keys, configs and real server subprocesses --
 
 ConfigValues = dict[str, dict[str, Any]]
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll `probe` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
 
 
 def free_port() -> int:
@@ -176,3 +190,30 @@ def write_log(directory: Path, key: bytes, records: int, segment_bytes: int = 40
         writer.close()
 
     asyncio.run(go())
+
+
+@contextmanager
+def shared_server(tmp_path_factory: pytest.TempPathFactory, name: str,
+                  overrides: ConfigValues | None = None) -> Iterator[tuple[ServerProcess, Path, Path]]:
+    """A server for a whole test module (fresh key, rate limit off, 20 ms flushes):
+    yields (server, its base directory, its key file); killed at the end."""
+    base = tmp_path_factory.mktemp(name)
+    key = base / "sink.key"
+    write_key_file(key)
+    port = free_port()
+    values: ConfigValues = {
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 10},
+        "rate_limit": {"bytes_per_second": 0},
+        "writer": {"directory": str(base / "data"), "flush_interval_ms": 20, "fsync": "never"},
+        "crypto": {"key_file": str(key)},
+    }
+    for section, keys in (overrides or {}).items():
+        values.setdefault(section, {}).update(keys)
+    server = ServerProcess(write_config(base / "config.ini", values), port, base / "server.log")
+    try:
+        server.wait_ready()
+        yield server, base, key
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.wait()

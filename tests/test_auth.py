@@ -7,21 +7,18 @@ import hashlib
 import logging
 import signal
 import stat
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, free_port, run_cli, write_config
+from conftest import ServerProcess, run_cli, shared_server, wait_for, write_config
 
 from telemetry_sink import auth
 from telemetry_sink.auth import AuthConfigError, Principal, TokenTable, add_token, hash_token
-from telemetry_sink.crypto import write_key_file
 
-T = TypeVar("T")
 StartServer = Callable[..., ServerProcess]
 
 TOKEN_A = "token-for-node-a-0123456789"
@@ -30,18 +27,6 @@ TOKEN_MULTI = "token-for-two-exact-ids-xyz"
 
 
 # -- helpers --
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll `probe` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -282,29 +267,13 @@ class AuthSink:
 
 @pytest.fixture(scope="module")
 def auth_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthSink]:
-    base = tmp_path_factory.mktemp("auth-sink")
-    key_file = base / "sink.key"
-    write_key_file(key_file)
-    tokens = tokens_file(base / "tokens", [
+    tokens_dir = tmp_path_factory.mktemp("auth-tokens")
+    tokens = tokens_file(tokens_dir / "tokens", [
         f"node-a {hash_token(TOKEN_A)}",
         f"greenhouse-* {hash_token(TOKEN_GH)}",
     ])
-    port = free_port()
-    config = write_config(base / "config.ini", {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 10},
-        "rate_limit": {"bytes_per_second": 0},
-        "writer": {"directory": str(base / "data"), "flush_interval_ms": 20, "fsync": "never"},
-        "crypto": {"key_file": str(key_file)},
-        "auth": {"tokens_file": str(tokens)},
-    })
-    server = ServerProcess(config, port, base / "server.log")
-    try:
-        server.wait_ready()
+    with shared_server(tmp_path_factory, "auth-sink", {"auth": {"tokens_file": str(tokens)}}) as (server, _, _):
         yield AuthSink(server)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        server.wait()
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from conftest import ServerProcess, free_port, write_config
+from conftest import ServerProcess, shared_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from telemetry_sink import logfile
-from telemetry_sink.crypto import CryptoService, generate_key, write_key_file
+from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.service import IngestError, encode_records, parse_body
 
 # -- (a) schemathesis: the HTTP contract against a real server --
@@ -38,25 +38,8 @@ from telemetry_sink.service import IngestError, encode_records, parse_body
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("fuzz-sink")
-    key_file = base / "sink.key"
-    write_key_file(key_file)
-    port = free_port()
-    config = write_config(base / "config.ini", {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 10},
-        "ingest": {"max_body_bytes": 65536},
-        "rate_limit": {"bytes_per_second": 0},
-        "writer": {"directory": str(base / "data"), "flush_interval_ms": 20, "fsync": "never"},
-        "crypto": {"key_file": str(key_file)},
-    })
-    server = ServerProcess(config, port, base / "server.log")
-    try:
-        server.wait_ready()
+    with shared_server(tmp_path_factory, "fuzz-sink", {"ingest": {"max_body_bytes": 65536}}) as (server, _, _):
         yield server
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        server.wait()
 
 
 # The ingest route documents every status and body it returns: hold it to all of that.

@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, free_port, run_cli, write_config
+from conftest import ServerProcess, run_cli, shared_server
 
-from telemetry_sink.crypto import write_key_file
 from telemetry_sink.http_server import gunzip_bounded
 from telemetry_sink.service import IngestError
 
@@ -113,25 +112,8 @@ class GzSink:
 
 @pytest.fixture(scope="module")
 def gz_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GzSink]:
-    base = tmp_path_factory.mktemp("gzip-sink")
-    key_file = base / "sink.key"
-    write_key_file(key_file)
-    port = free_port()
-    config = write_config(base / "config.ini", {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 10},
-        "ingest": {"max_body_bytes": MIB},
-        "rate_limit": {"bytes_per_second": 0},
-        "writer": {"directory": str(base / "data"), "flush_interval_ms": 20, "fsync": "never"},
-        "crypto": {"key_file": str(key_file)},
-    })
-    server = ServerProcess(config, port, base / "server.log")
-    try:
-        server.wait_ready()
+    with shared_server(tmp_path_factory, "gzip-sink", {"ingest": {"max_body_bytes": MIB}}) as (server, _, _):
         yield GzSink(server)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        server.wait()
 
 
 def assert_error(response: httpx.Response, status: int, error: str) -> dict[str, Any]:

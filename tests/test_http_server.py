@@ -18,36 +18,23 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, free_port, run_cli, write_config
+from conftest import ServerProcess, run_cli, shared_server, wait_for
 from cryptography.fernet import Fernet
 
 from telemetry_sink import logfile
-from telemetry_sink.crypto import CryptoService, write_key_file
+from telemetry_sink.crypto import CryptoService
 
-T = TypeVar("T")
 StartServer = Callable[..., ServerProcess]
 GRACEFUL_EXIT = (0, -signal.SIGTERM)
 MAX_BODY = 4096  # [ingest] max_body_bytes of the shared server
 
 
 # -- helpers --
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll `probe` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def uid(prefix: str = "n") -> str:
@@ -134,25 +121,9 @@ class Sink:
 
 @pytest.fixture(scope="module")
 def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sink]:
-    base = tmp_path_factory.mktemp("shared-sink")
-    key_file = base / "sink.key"
-    write_key_file(key_file)
-    port = free_port()
-    config = write_config(base / "config.ini", {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 10},
-        "ingest": {"max_body_bytes": MAX_BODY},
-        "rate_limit": {"bytes_per_second": 0},
-        "writer": {"directory": str(base / "data"), "flush_interval_ms": 20, "fsync": "never"},
-        "crypto": {"key_file": str(key_file)},
-    })
-    server = ServerProcess(config, port, base / "server.log")
-    try:
-        server.wait_ready()
-        yield Sink(server, base / "data", key_file)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        server.wait()
+    overrides = {"ingest": {"max_body_bytes": MAX_BODY}}
+    with shared_server(tmp_path_factory, "shared-sink", overrides) as (server, base, key):
+        yield Sink(server, base / "data", key)
 
 
 # -- success paths --
