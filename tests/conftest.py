@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import signal
@@ -83,19 +84,23 @@ def key_file(tmp_path: Path) -> Path:
 class ServerProcess:
     """`python -m telemetry_sink serve` as a real subprocess on a loopback port."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, port: int, log_path: Path, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = (), stderr_path: Path | None = None) -> None:
+        """Output goes to `log_path`; with `stderr_path`, stderr goes there instead."""
         self.config_path = config_path
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
+        self.stderr_path = stderr_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")
                     or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
         full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "telemetry_sink", "serve", "--config", str(config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-        )
+        with open(stderr_path, "ab") if stderr_path else contextlib.nullcontext() as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "telemetry_sink", "serve", "--config", str(config_path), *args],
+                stdout=self._log, stderr=err if err is not None else subprocess.STDOUT, env=full_env,
+            )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -133,6 +138,10 @@ class ServerProcess:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def stderr(self) -> str:
+        """What the server wrote to stderr (all its output unless stderr_path was given)."""
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path else self.log()
+
 
 @pytest.fixture
 def start_server(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., ServerProcess]]:
@@ -140,7 +149,8 @@ def start_server(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., Serve
     started: list[ServerProcess] = []
 
     def start(overrides: ConfigValues | None = None, *, env: dict[str, str] | None = None,
-              wait: bool = True, port: int | None = None) -> ServerProcess:
+              wait: bool = True, port: int | None = None, args: tuple[str, ...] = (),
+              separate_stderr: bool = False) -> ServerProcess:
         values: ConfigValues = {
             "server": {"host": "127.0.0.1", "port": port or free_port(), "shutdown_timeout_s": 20},
             "writer": {"directory": str(tmp_path / "data"), "flush_interval_ms": 50},
@@ -149,7 +159,9 @@ def start_server(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., Serve
         for section, keys in (overrides or {}).items():
             values.setdefault(section, {}).update(keys)
         config = write_config(tmp_path / f"config-{len(started)}.ini", values)
-        server = ServerProcess(config, int(values["server"]["port"]), tmp_path / f"server-{len(started)}.log", env)
+        n = len(started)
+        server = ServerProcess(config, int(values["server"]["port"]), tmp_path / f"server-{n}.log", env, args,
+                               tmp_path / f"server-{n}.stderr" if separate_stderr else None)
         started.append(server)
         if wait:
             server.wait_ready()

@@ -6,91 +6,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
-import pytest
-from conftest import free_port, write_config
+from conftest import ServerProcess, wait_for
 
 from telemetry_sink.logs import TEXT_FORMAT, JsonFormatter
 
 GRACEFUL_EXIT = (0, -signal.SIGTERM)
 
 
-class LoggedServer:
-    """`serve --log-format FMT` with stdout and stderr captured to separate files."""
-
-    def __init__(self, tmp_path: Path, key_file: Path, log_format: str,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data = tmp_path / f"data-{log_format}"
-        values: dict[str, dict[str, Any]] = {
-            "server": {"host": "127.0.0.1", "port": self.port, "shutdown_timeout_s": 10},
-            "writer": {"directory": str(self.data), "flush_interval_ms": 20, "fsync": "never"},
-            "crypto": {"key_file": str(key_file)},
-        }
-        for section, keys in (overrides or {}).items():
-            values.setdefault(section, {}).update(keys)
-        self.config = write_config(tmp_path / f"config-{log_format}.ini", values)
-        self.stdout_path = tmp_path / f"stdout-{log_format}.log"
-        self.stderr_path = tmp_path / f"stderr-{log_format}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")
-               or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "telemetry_sink", "serve", "--config", str(self.config),
-                 "--log-format", log_format],
-                stdout=out, stderr=err, env=env,
-            )
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.stderr()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.stderr()}")
-
-    def post(self, body: bytes, content_type: str = "application/json") -> httpx.Response:
-        return httpx.post(self.url + "/telemetry", content=body, headers={"content-type": content_type},
-                          timeout=10.0)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def servers() -> Iterator[list[LoggedServer]]:
-    started: list[LoggedServer] = []
-    yield started
-    for server in started:
-        server.kill()
+def logged_server(start_server: Callable[..., ServerProcess], log_format: str,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> ServerProcess:
+    """`serve --log-format FMT`, with stdout and stderr captured apart (stdout: `.log()`)."""
+    return start_server(overrides, args=("--log-format", log_format), separate_stderr=True)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -108,29 +41,20 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path, servers: list[LoggedServer]) -> None:
-    server = LoggedServer(tmp_path, key_file, "json", {
+def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path,
+                                         start_server: Callable[..., ServerProcess]) -> None:
+    server = logged_server(start_server, "json", {
         "writer": {"max_segment_bytes": 600, "retention_bytes": 1500, "batch_size": 1},
         "buffer": {"high_water_percent": 77},
     })
-    servers.append(server)
-    server.wait_ready()
     for i in range(12):
         body = orjson.dumps({"node_id": "log-node", "i": i, "pad": "y" * 100})
         assert server.post(body).status_code == 202
     assert server.post(b"nope", content_type="text/plain").status_code == 415
-    wait_until(lambda: "retention: deleted segment" in server.stderr(), what="a retention deletion")
+    wait_for(lambda: "retention: deleted segment" in server.stderr(), what="a retention deletion")
     rc = server.stop()
     assert rc in GRACEFUL_EXIT, server.stderr()
-    assert server.stdout() == ""
+    assert server.log() == ""  # stdout
     lines = json_lines(server.stderr())
     assert len(lines) >= 6
 
@@ -143,7 +67,7 @@ def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path, servers
     assert config["server"]["port"] == server.port
     assert config["buffer"]["high_water_percent"] == 77
     assert config["writer"]["max_segment_bytes"] == 600
-    assert config["writer"]["directory"] == str(server.data)
+    assert config["writer"]["directory"] == str(tmp_path / "data")
     assert config["crypto"]["key_file"] == str(key_file)
     assert startup[0]["implementation"] in {"compiled", "pure-python"}
     assert startup[0]["logger"] == "telemetry_sink" and startup[0]["level"] == "info"
@@ -165,10 +89,8 @@ def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path, servers
     assert key[:22] not in server.stderr() and key[22:] not in server.stderr()
 
 
-def test_text_logs_are_not_json(tmp_path: Path, key_file: Path, servers: list[LoggedServer]) -> None:
-    server = LoggedServer(tmp_path, key_file, "text")
-    servers.append(server)
-    server.wait_ready()
+def test_text_logs_are_not_json(key_file: Path, start_server: Callable[..., ServerProcess]) -> None:
+    server = logged_server(start_server, "text")
     assert server.post(b'{"node_id":"t"}').status_code == 202
     rc = server.stop()
     assert rc in GRACEFUL_EXIT, server.stderr()
