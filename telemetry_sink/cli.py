@@ -79,10 +79,9 @@ def build_app(config: Config, *, slots: int = 1) -> Any:
     service.writer.open()
     _serving[:] = [service]
     srv = config.server
-    configure_guard(srv.header_timeout_s, srv.max_connections)
+    configure_guard(srv.header_timeout_s, srv.body_timeout_s, srv.max_connections)
     return create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
-                      body_timeout_s=srv.body_timeout_s, high_water_percent=config.buffer.high_water_percent,
-                      registry=registry)
+                      high_water_percent=config.buffer.high_water_percent, registry=registry)
 
 
 def worker_app() -> Any:

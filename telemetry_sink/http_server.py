@@ -80,12 +80,10 @@ class IngestHandler:
         service: TelemetryService,
         max_body_bytes: int,
         tokens: TokenTable | None = None,
-        body_timeout_s: float = 30.0,
     ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.tokens = tokens
-        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stats = self.service.stats
@@ -103,7 +101,11 @@ class IngestHandler:
             status = exc.status
             await _reply(send, status, orjson.dumps(exc.body()), headers)
         except _Disconnected:
-            return
+            if not scope.get(TIMED_OUT_KEY):
+                return
+            # GuardedHttpToolsProtocol already answered 408 and closed: count it like ours.
+            status = 408
+            stats.rejected_by_reason["request_timeout"] = stats.rejected_by_reason.get("request_timeout", 0) + 1
         except Exception:
             log.exception("unexpected error while ingesting")
             status = 500
@@ -150,12 +152,8 @@ class IngestHandler:
         limit = self.max_body_bytes
         if length is not None and length > limit:
             raise _error(413, "payload_too_large", f"the body is {length} bytes; the limit is {limit}")
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                wire = await _read_body(receive, limit)
-        except TimeoutError:
-            raise _error(408, "request_timeout",
-                         f"the body did not arrive within {self.body_timeout_s:g} seconds") from None
+        # No timer here: GuardedHttpToolsProtocol enforces body_timeout_s (408) for the server.
+        wire = await _read_body(receive, limit)
         self.service.stats.bytes_received += len(wire)
         body = wire if encoding == b"identity" else gunzip_bounded(wire, limit)
         client = scope.get("client")
@@ -200,17 +198,32 @@ async def _reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+_SWEEP_INTERVAL_S = 0.25
+_TIMEOUT_BODY = b'{"error":"request_timeout","detail":"the request body did not arrive in time"}'
+_TIMEOUT_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
+_sweeping: set[int] = set()  # id() of the event loops that run a deadline sweep
+TIMED_OUT_KEY = "telemetry_sink.timed_out"  # set in the ASGI scope when the body deadline passed
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus what it lacks against slow or piled-up clients: a
-    connection limit (excess connections are closed at once) and a deadline for the request
-    head (a silent or header-trickling client is cut off). Bodies have their own deadline.
+    connection limit (excess connections are closed at once), a deadline for the request head
+    (a silent or header-trickling client is cut off) and one for the body (408, then close).
 
-    Module-level (so uvicorn can hand it to worker processes); `configure_guard` sets limits.
+    Deadlines are plain timestamps checked by one sweep per event loop every 0.25 s, not
+    timers per request: arming and cancelling timers cost ~7 µs a request, a fifth of the
+    single-record ingest path. Module-level so uvicorn can hand it to worker processes;
+    `configure_guard` sets the limits.
     """
 
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     max_connections: int = 1024
-    _head_timer: asyncio.TimerHandle | None = None
+    _deadline: float | None = None  # loop.time() by which the current request phase must end
+    _in_body = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -218,38 +231,54 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             log.warning("connection limit (%d) reached: closing a new connection", self.max_connections)
             transport.close()
             return
-        self._arm_head_timer()
-
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
-
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
+        self._deadline = self.loop.time() + self.header_timeout_s
+        if id(self.loop) not in _sweeping:
+            _sweeping.add(id(self.loop))
+            self.loop.call_later(_SWEEP_INTERVAL_S, _sweep, self.loop, self.connections)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm_head_timer()  # a keep-alive connection's next request starts its clock
+        if self._deadline is None:  # a keep-alive connection's next request starts its clock
+            self._deadline = self.loop.time() + self.header_timeout_s
 
     def on_headers_complete(self) -> None:
-        self._disarm_head_timer()
+        self._deadline = self.loop.time() + self.body_timeout_s
+        self._in_body = True
         super().on_headers_complete()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
-        super().connection_lost(exc)
+    def on_message_complete(self) -> None:
+        self._deadline = None
+        self._in_body = False
+        super().on_message_complete()
+
+    def deadline_passed(self) -> None:
+        """Cut the connection off: with a 408 if the body is late and no answer has started."""
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if self._in_body and cycle is not None and not cycle.response_started:
+            self.transport.write(_TIMEOUT_408)
+            self.scope[TIMED_OUT_KEY] = True  # type: ignore[literal-required]
+            cycle.disconnected = True  # the app stops waiting for the body; its answer is dropped
+            cycle.message_event.set()
+        self.transport.close()
 
 
-def configure_guard(header_timeout_s: float, max_connections: int) -> type[GuardedHttpToolsProtocol]:
+def _sweep(loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+    now = loop.time()
+    for conn in list(connections):
+        deadline = getattr(conn, "_deadline", None)
+        if deadline is not None and now > deadline:
+            conn.deadline_passed()
+    loop.call_later(_SWEEP_INTERVAL_S, _sweep, loop, connections)
+
+
+def configure_guard(header_timeout_s: float, body_timeout_s: float,
+                    max_connections: int) -> type[GuardedHttpToolsProtocol]:
     """Set the limits GuardedHttpToolsProtocol enforces in this process; return the class."""
     GuardedHttpToolsProtocol.header_timeout_s = header_timeout_s
+    GuardedHttpToolsProtocol.body_timeout_s = body_timeout_s
     GuardedHttpToolsProtocol.max_connections = max_connections
     return GuardedHttpToolsProtocol
 
@@ -382,7 +411,6 @@ def create_app(
     shutdown_timeout_s: float = 30.0,
     *,
     tokens: TokenTable | None = None,
-    body_timeout_s: float = 30.0,
     high_water_percent: int = 90,
     registry: CollectorRegistry | None = None,
 ) -> ASGIApp:
@@ -404,7 +432,7 @@ def create_app(
         await service.stop(shutdown_timeout_s)
 
     api = FastAPI(title="telemetry-sink", version=__version__, lifespan=lifespan)
-    handler = IngestHandler(service, max_body_bytes, tokens, body_timeout_s)
+    handler = IngestHandler(service, max_body_bytes, tokens)
 
     @api.post("/telemetry", status_code=202, openapi_extra=_INGEST_OPENAPI, responses=_INGEST_RESPONSES,
               summary="Ingest telemetry records (all or nothing)")
