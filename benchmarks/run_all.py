@@ -85,7 +85,7 @@ def collect(bench: dict[str, Any]) -> dict[str, Any]:
     for b in bench.get("benchmarks", []):
         name, extra, stats = b["name"], b.get("extra_info", {}), b.get("stats", {})
         path = b.get("fullname", "")
-        if "test_bench_micro" in path:
+        if "test_bench_micro" in path or "test_bench_route" in path:
             out["micro"].append({"name": name, "group": b.get("group"), "median_s": stats.get("median"), **extra})
         elif "test_bench_speedups" in path:
             out["framing"].append({"name": name, "group": b.get("group"), "median_s": stats.get("median"),
