@@ -53,9 +53,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    overload_s = float(config.getoption("--overload-seconds"))
     for item in items:
         if item.nodeid.endswith(QUICK_ELSEWHERE):
             item.add_marker(pytest.mark.quick)
+        if item.get_closest_marker("overload") is not None:
+            # pytest-timeout's default (300 s) would cut a 10-minute overload run short.
+            item.add_marker(pytest.mark.timeout(overload_s + 600))
 
 
 def pytest_report_header() -> str:
