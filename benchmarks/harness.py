@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,16 @@ def ensure_wrk() -> str | None:
 def py_spy() -> str | None:
     venv_tool = Path(sys.executable).parent / "py-spy"
     return str(venv_tool) if venv_tool.exists() else shutil.which("py-spy")
+
+
+def best_of(call: Callable[[], object], rounds: int) -> float:
+    """The shortest wall time of `rounds` calls (the least disturbed by a noisy machine)."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,15 +130,6 @@ def test_quick_extension_is_compiled() -> None:
         "telemetry_sink._speedups is not compiled: run .venv/bin/python setup.py build_ext --inplace")
 
 
-def _best_of(call: Callable[[], object], rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @pytest.mark.quick
 def test_quick_gate_compiled_framer_vs_twin() -> None:
     """Compiled BatchFramer.frame of 1000 x 150 B records >= 3x the pure-Python twin (interleaved)."""
@@ -157,8 +147,8 @@ def test_quick_gate_compiled_framer_vs_twin() -> None:
     slow.frame(0, 0, recs)
     fast_s = slow_s = float("inf")
     for _ in range(5):
-        fast_s = min(fast_s, _best_of(lambda: fast.frame(0, 0, recs), 3))
-        slow_s = min(slow_s, _best_of(lambda: slow.frame(0, 0, recs), 2))
+        fast_s = min(fast_s, harness.best_of(lambda: fast.frame(0, 0, recs), 3))
+        slow_s = min(slow_s, harness.best_of(lambda: slow.frame(0, 0, recs), 2))
     ratio = slow_s / fast_s
     print(f"\nframer 1000 x 150 B: compiled {fast_s / 1000 * 1e6:.3f} us/record, twin {slow_s / 1000 * 1e6:.3f} "
           f"us/record: {ratio:.1f}x (gate {TWIN_GATE}x)")

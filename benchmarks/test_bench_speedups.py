@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import importlib
 import os
-import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import harness
 import pytest
 from cryptography.fernet import Fernet
 
@@ -80,15 +80,6 @@ def test_token_bucket_try_acquire(benchmark: Any, impl: str) -> None:
     assert benchmark(bucket.try_acquire, 1.0, 1.0) is True
 
 
-def _best_of(call: Callable[[], object], rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def test_gate_compiled_vs_fernet(benchmark: Any) -> None:
     """CI gate: compiled framing of 1000 x 150-byte records is >= 3x a Fernet.encrypt loop.
 
@@ -105,8 +96,8 @@ def test_gate_compiled_vs_fernet(benchmark: Any) -> None:
         fernet()  # warm both up first
         compiled_s = fernet_s = float("inf")
         for _ in range(5):  # interleave, so a burst of load cannot favour one side
-            compiled_s = min(compiled_s, _best_of(framed, 3))
-            fernet_s = min(fernet_s, _best_of(fernet, 3))
+            compiled_s = min(compiled_s, harness.best_of(framed, 3))
+            fernet_s = min(fernet_s, harness.best_of(fernet, 3))
         return {
             "compiled_us_per_record": compiled_s / len(records) * 1e6,
             "fernet_us_per_record": fernet_s / len(records) * 1e6,
