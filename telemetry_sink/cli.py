@@ -363,10 +363,6 @@ def _verify_segment(path: Path, crypto: CryptoService | None, expected_seq: int 
     return report
 
 
-def _series(path: Path) -> str:
-    return path.name.rsplit("-", 1)[0]
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     crypto = CryptoService.from_key_file(Path(args.key_file)) if args.key_file else None
     segments = _segments(args.paths, args.config)
@@ -376,9 +372,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     damaged = 0
     totals = _SegmentReport()
     for path in segments:
-        report = _verify_segment(path, crypto, next_seq.get(_series(path)))
+        report = _verify_segment(path, crypto, next_seq.get(logfile.parse_segment_name(path)[0]))
         if report.last_seq is not None:
-            next_seq[_series(path)] = report.last_seq + 1
+            next_seq[logfile.parse_segment_name(path)[0]] = report.last_seq + 1
         seq = f"seq {report.first_seq}..{report.last_seq}" if report.last_seq is not None else "no records"
         status = "ok" if not report.problems else "DAMAGED"
         print(f"{path}: {status}: {report.batches} batches, {report.records} records, {seq}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import logfile
 from .buffer import BufferManager
 from .crypto import CryptoService
+from .logfile import fsync_dir, write_all
 from .metrics import WriterMetrics
 
 log = logging.getLogger("telemetry_sink.writer")
@@ -41,7 +42,6 @@ class WriterStats:
     records: int = 0
     bytes: int = 0
     write_errors: int = 0
-    segments_sealed: int = 0
     segments_deleted: int = 0
     last_error: str | None = None  # set while writes are failing, cleared by the next success
     last_errno: int | None = None
@@ -58,28 +58,13 @@ class Recovery:
     first_created_ms: int | None = None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def recover_series(directory: Path, series: str) -> Recovery:
     """Cut a torn batch off the newest segment of `series` and find the next sequence number."""
-    segments = [p for p in logfile.list_segments(directory) if p.name.startswith(series + "-")]
+    segments = logfile.series_segments(directory, series)
     if not segments:
         return Recovery(None, 0, 0)
     newest = segments[-1]
-    name_seq = int(newest.name[len(series) + 1 : -len(logfile.SEGMENT_SUFFIX)])
+    name_seq = logfile.parse_segment_name(newest)[1]
     size = newest.stat().st_size
     if size < logfile.FILE_HEADER_SIZE:
         # Torn while being created: nothing but (part of) a header was ever written.
@@ -153,7 +138,6 @@ class LogWriter:
         self.stats = WriterStats()
         self.series: str | None = None
         self.next_seq = 0
-        self._crypto = crypto
         self._framer = crypto.new_framer()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry-writer")
         self._lock_fd: int | None = None
@@ -197,9 +181,9 @@ class LogWriter:
         flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         if create:
-            _write_all(fd, logfile.FILE_HEADER_BYTES)
+            write_all(fd, logfile.FILE_HEADER_BYTES)
             os.fsync(fd)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
         self._fd, self._segment = fd, path
         self._size = os.fstat(fd).st_size
@@ -214,7 +198,6 @@ class LogWriter:
         log.info("sealed segment %s (%d bytes)", name, self._size,
                  extra={"event": "segment_sealed", "segment": name, "bytes": self._size})
         self._fd, self._segment, self._dirty = None, None, False
-        self.stats.segments_sealed += 1
 
     def close(self) -> None:
         """Fsync and close the active segment and release the series lock."""
@@ -244,7 +227,7 @@ class LogWriter:
             self._open_segment(self.directory / logfile.segment_name(self.series, self.next_seq), create=True)
         assert self._fd is not None
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
         except OSError:
             self._undo_partial_write()
             raise
@@ -284,7 +267,7 @@ class LogWriter:
         """Delete this series' oldest sealed segments beyond the size or age budget."""
         if not (self.retention_bytes or self.retention_days) or self.series is None:
             return
-        mine = [p for p in logfile.list_segments(self.directory) if p.name.startswith(self.series + "-")]
+        mine = logfile.series_segments(self.directory, self.series)
         sizes = {p: p.stat().st_size for p in mine}
         total = sum(sizes.values())
         budget = self.retention_bytes / self.slots  # workers share the budget evenly

@@ -176,6 +176,10 @@ class SegmentImage:
     def batches(self, start: int = FILE_HEADER_SIZE) -> Iterator[Batch | Damage]:
         return iter_batches(self._map, start)
 
+    def raw(self, start: int, end: int) -> bytes:
+        """The file's bytes from `start` to `end` (for copying damage verbatim)."""
+        return bytes(self._map[start:end])
+
     def close(self) -> None:
         if isinstance(self._map, mmap.mmap):
             self._map.close()
@@ -195,3 +199,30 @@ def list_segments(directory: Path) -> list[Path]:
 def segment_name(series: str, first_seq: int) -> str:
     """File name of a segment whose first batch starts at `first_seq`; sorts in write order."""
     return f"{series}-{first_seq:020d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(path: Path) -> tuple[str, int]:
+    """(series, first_seq) from a name made by `segment_name`."""
+    series, _, seq = path.name[: -len(SEGMENT_SUFFIX)].rpartition("-")
+    return series, int(seq)
+
+
+def series_segments(directory: Path, series: str) -> list[Path]:
+    """The segments of one series, in write order."""
+    return [p for p in list_segments(directory) if parse_segment_name(p)[0] == series]
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be partial)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a file's creation, rename or removal in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

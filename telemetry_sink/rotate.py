@@ -49,10 +49,9 @@ def _rotated_image(path: Path, crypto: CryptoService) -> tuple[bytes | None, int
     out = bytearray(logfile.FILE_HEADER_BYTES)
     rotated = 0
     with logfile.SegmentImage(path) as image:
-        raw = path.read_bytes()
         for item in image.batches():
             if isinstance(item, logfile.Damage):
-                out += raw[item.offset : item.end]  # damage is kept verbatim, never "repaired"
+                out += image.raw(item.offset, item.end)  # damage is kept verbatim, never "repaired"
                 continue
             tokens = []
             for token in item.tokens:
@@ -69,18 +68,12 @@ def _replace(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        logfile.write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    logfile.fsync_dir(path.parent)
 
 
 def rotate_directory(directory: Path, crypto: CryptoService) -> RotationReport:
@@ -92,7 +85,7 @@ def rotate_directory(directory: Path, crypto: CryptoService) -> RotationReport:
     segments = logfile.list_segments(directory)
     newest: dict[str, Path] = {}
     for path in segments:
-        newest[path.name.rsplit("-", 1)[0]] = path
+        newest[logfile.parse_segment_name(path)[0]] = path
     active = {path for series, path in newest.items() if not _series_is_idle(directory, series)}
     for path in segments:
         if path in active:

@@ -209,13 +209,13 @@ async def test_stalled_disk_fills_the_buffer_then_drains(tmp_path: Path, key_fil
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer stalled for seconds (injected: a real one cannot be made on demand here)."""
     stall = threading.Event()
-    real_write_all = log_writer._write_all
+    real_write_all = log_writer.write_all
 
     def stalled_write_all(fd: int, data: bytes) -> None:
         stall.wait(20)
         real_write_all(fd, data)
 
-    monkeypatch.setattr(log_writer, "_write_all", stalled_write_all)
+    monkeypatch.setattr(log_writer, "write_all", stalled_write_all)
     stall.set()  # the segment header goes through
     crypto = CryptoService.from_key_file(key_file)
     writer = LogWriter(tmp_path / "data", crypto, batch_size=10, flush_interval_ms=10, fsync="never",

@@ -205,7 +205,7 @@ async def test_interval_policy_fsyncs_an_idle_tail(tmp_path: Path, crypto: Crypt
 async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypto: CryptoService,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Injected ENOSPC after a partial write: the partial batch is cut, the batch retried."""
-    real_write_all = log_writer._write_all
+    real_write_all = log_writer.write_all
     failures = {"left": 3}
 
     def flaky_write_all(fd: int, data: bytes) -> None:
@@ -215,7 +215,7 @@ async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypt
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(log_writer, "_write_all", flaky_write_all)
+    monkeypatch.setattr(log_writer, "write_all", flaky_write_all)
     writer = make_writer(tmp_path, crypto, batch_size=4)
     writer.open()
     records = [b"rec%d" % i for i in range(12)]
@@ -230,14 +230,14 @@ async def test_durable_writer_fsyncs_every_batch_and_fails_requests_on_error(
     writer = make_writer(tmp_path, crypto, fsync="never", durable=True, batch_size=2)
     writer.open()
     fail = {"on": False}
-    real_write_all = log_writer._write_all
+    real_write_all = log_writer.write_all
 
     def maybe_failing(fd: int, data: bytes) -> None:
         if fail["on"] and len(data) > 16:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(log_writer, "_write_all", maybe_failing)
+    monkeypatch.setattr(log_writer, "write_all", maybe_failing)
     buf = BufferManager(100, 1 << 20, whole_requests=True)
     task = asyncio.create_task(writer.run(buf))
     ok = buf.put([b"a", b"b"], 2, want_ack=True)

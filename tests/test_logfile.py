@@ -100,3 +100,12 @@ def test_segment_image_and_names(tmp_path: Path) -> None:
     empty.write_bytes(FILE_HEADER_BYTES)
     with logfile.SegmentImage(empty) as seg:
         assert list(seg.batches()) == []
+
+
+def test_segment_names_parse_back_and_select_one_series(tmp_path: Path) -> None:
+    for series, seq in (("w0", 0), ("w12", 98765), ("my-host-w1", 7)):
+        assert logfile.parse_segment_name(tmp_path / logfile.segment_name(series, seq)) == (series, seq)
+    for series, seq in (("w1", 5), ("w0", 9), ("w10", 1), ("w0", 0)):
+        (tmp_path / logfile.segment_name(series, seq)).write_bytes(FILE_HEADER_BYTES)
+    assert [p.name for p in logfile.series_segments(tmp_path, "w0")] == [
+        logfile.segment_name("w0", 0), logfile.segment_name("w0", 9)]
