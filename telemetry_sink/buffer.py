@@ -59,6 +59,10 @@ class BufferManager:
         """Records waiting for the writer (not yet taken)."""
         return len(self._queue)
 
+    def above(self, percent: int) -> bool:
+        """Whether records or bytes held reach `percent` of their bound (100: full)."""
+        return self.records * 100 >= self.max_records * percent or self.bytes * 100 >= self.max_bytes * percent
+
     def put(self, records: list[bytes], nbytes: int, want_ack: bool = False) -> asyncio.Future[None] | None:
         """Queue `records` (whose lengths sum to `nbytes`) or raise BufferFull/BufferClosed."""
         if self.closed:
@@ -79,16 +83,10 @@ class BufferManager:
             self._wakeup.set()
         return ack
 
-    async def next_batch(self, batch_size: int, linger_s: float) -> list[bytes]:
-        """Wait until `batch_size` records are queued, or the oldest has waited `linger_s`,
-        or the buffer is closed, then take up to `batch_size` records. [] means closed and empty.
-        """
-        batches = await self.next_batches(batch_size, linger_s, 1)
-        return batches[0] if batches else []
-
     async def next_batches(self, batch_size: int, linger_s: float, max_batches: int) -> list[list[bytes]]:
-        """Like next_batch, but also takes up to `max_batches` - 1 further full batches
-        when that many are already waiting. [] means closed and empty."""
+        """Wait until `batch_size` records are queued, or the oldest has waited `linger_s`, or
+        the buffer is closed; then take a batch of up to `batch_size` records, plus up to
+        `max_batches` - 1 further full batches already waiting. [] means closed and empty."""
         self._batch_size = batch_size
         while True:
             if not self._queue:

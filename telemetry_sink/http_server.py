@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from . import __version__, logfile
 from .auth import TokenTable
 from .metrics import SinkCollector, Snapshot
-from .service import IngestError, TelemetryService
+from .service import IngestError, TelemetryService, shutting_down
 from .speedups import IMPLEMENTATION
 
 log = logging.getLogger("telemetry_sink.http")
@@ -40,6 +40,7 @@ MEDIA_TYPES = {
     b"application/ndjson": "ndjson",
 }
 ENCODINGS = (b"identity", b"gzip", b"x-gzip")
+_MEDIA_TYPE_DETAIL = "Content-Type must be application/json or application/x-ndjson"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 # Statuses after which the rest of the request body may still be in flight: close the
 # connection rather than keep reading (or trusting) it.
@@ -125,8 +126,7 @@ class IngestHandler:
             if name == b"content-type":
                 fmt = MEDIA_TYPES.get(value.split(b";", 1)[0].strip().lower())
                 if fmt is None:
-                    raise _error(415, "unsupported_media_type",
-                                 "Content-Type must be application/json or application/x-ndjson")
+                    raise _error(415, "unsupported_media_type", _MEDIA_TYPE_DETAIL)
             elif name == b"content-length":
                 try:
                     length = int(value)
@@ -142,13 +142,12 @@ class IngestHandler:
             if principal is None:
                 raise _unauthorized()
         if fmt is None:
-            raise _error(415, "unsupported_media_type",
-                         "Content-Type must be application/json or application/x-ndjson")
+            raise _error(415, "unsupported_media_type", _MEDIA_TYPE_DETAIL)
         if encoding not in ENCODINGS:
             raise _error(415, "unsupported_media_type",
                          f"Content-Encoding {encoding.decode('latin-1')!r} is not supported (use gzip or none)")
-        if self.service.closing:
-            raise _error(503, "shutting_down", "the server is shutting down")
+        if self.service.closing:  # before reading a body that would be refused anyway
+            raise shutting_down()
         limit = self.max_body_bytes
         if length is not None and length > limit:
             raise _error(413, "payload_too_large", f"the body is {length} bytes; the limit is {limit}")
@@ -165,31 +164,21 @@ class _Disconnected(Exception):
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
-    """Read the whole body, never holding more than `limit` bytes (413 past it)."""
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise _Disconnected
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise _error(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
-        return body
-    chunks = [body]
-    total = len(body)
+    """Read the whole body, never holding more than `limit` bytes (413 past it).
+    The usual single-message body is returned as is, without a copy."""
+    chunks: list[bytes] = []
+    total = 0
     while True:
-        if total > limit:
-            raise _error(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _Disconnected
-        chunk = message.get("body", b"")
-        chunks.append(chunk)
+        chunk: bytes = message.get("body", b"")
         total += len(chunk)
+        if total > limit:
+            raise _error(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    if total > limit:
-        raise _error(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
-    return b"".join(chunks)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -399,8 +388,7 @@ def readiness(service: TelemetryService, high_water_percent: int) -> list[str]:
     if service.writer.stats.last_error is not None:
         reasons.append(f"the last write failed: {service.writer.stats.last_error}")
     buf = service.buffer
-    high_records = buf.records * 100 >= buf.max_records * high_water_percent
-    if high_records or buf.bytes * 100 >= buf.max_bytes * high_water_percent:
+    if buf.above(high_water_percent):
         reasons.append(f"the buffer is above {high_water_percent}% of its bounds")
     return reasons
 

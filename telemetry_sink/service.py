@@ -25,7 +25,6 @@ from .rate_limiter import RateLimited, RateLimiter
 log = logging.getLogger("telemetry_sink.service")
 
 MAX_NODE_ID_CHARS = 128
-FORMATS = ("json", "ndjson")
 _MISSING = object()
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 WRITE_FAILED_RETRY_AFTER = "2"
@@ -61,6 +60,15 @@ class IngestError(Exception):
 
 def _invalid(index: int, detail: str) -> IngestError:
     return IngestError(422, "invalid_record", detail, index=index)
+
+
+def shutting_down() -> IngestError:
+    return IngestError(503, "shutting_down", "the server is shutting down")
+
+
+def _buffer_full() -> IngestError:
+    return IngestError(503, "buffer_full", "the write buffer is full; retry later",
+                       retry_after=BufferFull.retry_after_header)
 
 
 def _storage_error(err: int | None, what: str) -> IngestError:
@@ -191,12 +199,10 @@ class TelemetryService:
         limits are keyed by the principal, else by `client_key` (the client address).
         """
         if self.closing:
-            raise IngestError(503, "shutting_down", "the server is shutting down")
-        buffer = self.buffer
-        if buffer.records >= buffer.max_records or buffer.bytes >= buffer.max_bytes:
+            raise shutting_down()
+        if self.buffer.above(100):
             # Full already: answer before spending CPU on parsing (the writer needs it).
-            raise IngestError(503, "buffer_full", "the write buffer is full; retry later",
-                              retry_after=BufferFull.retry_after_header)
+            raise _buffer_full()
         stats = self.writer.stats
         if stats.last_error is not None and (not self.durable or time.monotonic() < stats.retry_at):
             # Refuse new records while the disk refuses ours. Buffered: the writer keeps
@@ -220,10 +226,9 @@ class TelemetryService:
         try:
             ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable)
         except BufferFull:
-            raise IngestError(503, "buffer_full", "the write buffer is full; retry later",
-                              retry_after=BufferFull.retry_after_header) from None
+            raise _buffer_full() from None
         except BufferClosed:
-            raise IngestError(503, "shutting_down", "the server is shutting down") from None
+            raise shutting_down() from None
         if ack is not None:
             try:
                 await ack

@@ -14,6 +14,12 @@ def recs(n: int, size: int = 10) -> list[bytes]:
     return [bytes([65 + i % 26]) * size for i in range(n)]
 
 
+async def one_batch(buf: BufferManager, batch_size: int, linger_s: float) -> list[bytes]:
+    """One batch, as the writer takes it when no backlog waits (max_batches = 1)."""
+    batches = await buf.next_batches(batch_size, linger_s, 1)
+    return batches[0] if batches else []
+
+
 def test_bounded_by_records_all_or_nothing() -> None:
     buf = BufferManager(max_records=5, max_bytes=10**6)
     buf.put(recs(3), 30)
@@ -37,7 +43,7 @@ async def test_full_batch_is_taken_at_once() -> None:
     buf = BufferManager(100, 10**6)
     buf.put(recs(7), 70)
     started = time.monotonic()
-    batch = await asyncio.wait_for(buf.next_batch(5, linger_s=60), 5)
+    batch = await asyncio.wait_for(one_batch(buf, 5, 60), 5)
     assert batch == recs(7)[:5]
     assert time.monotonic() - started < 1
     assert buf.queued == 2 and buf.records == 7  # taken but not yet stored still counts
@@ -47,7 +53,7 @@ async def test_partial_batch_waits_for_linger() -> None:
     buf = BufferManager(100, 10**6)
     buf.put(recs(2), 20)
     started = time.monotonic()
-    batch = await asyncio.wait_for(buf.next_batch(10, linger_s=0.2), 5)
+    batch = await asyncio.wait_for(one_batch(buf, 10, 0.2), 5)
     elapsed = time.monotonic() - started
     assert batch == recs(2)
     assert 0.15 <= elapsed < 2
@@ -56,7 +62,7 @@ async def test_partial_batch_waits_for_linger() -> None:
 async def test_waiting_writer_wakes_when_batch_fills() -> None:
     buf = BufferManager(100, 10**6)
     buf.put(recs(1), 10)
-    task = asyncio.create_task(buf.next_batch(3, linger_s=60))
+    task = asyncio.create_task(one_batch(buf, 3, 60))
     await asyncio.sleep(0.05)
     assert not task.done()
     buf.put(recs(2), 20)
@@ -65,7 +71,7 @@ async def test_waiting_writer_wakes_when_batch_fills() -> None:
 
 async def test_idle_writer_wakes_on_first_put() -> None:
     buf = BufferManager(100, 10**6)
-    task = asyncio.create_task(buf.next_batch(1, linger_s=60))
+    task = asyncio.create_task(one_batch(buf, 1, 60))
     await asyncio.sleep(0.05)
     assert not task.done()
     buf.put(recs(1), 10)
@@ -77,22 +83,22 @@ async def test_stored_frees_room_and_resolves_acks_in_order() -> None:
     first = buf.put(recs(3), 30, want_ack=True)
     second = buf.put(recs(3), 30, want_ack=True)
     assert first is not None and second is not None
-    batch = await buf.next_batch(4, linger_s=0)
+    batch = await one_batch(buf, 4, 0)
     buf.stored(batch)
     assert first.done() and not second.done()  # the second request is only half stored
     assert (buf.records, buf.bytes) == (2, 20)
-    buf.stored(await buf.next_batch(4, linger_s=0))
+    buf.stored(await one_batch(buf, 4, 0))
     assert second.done() and buf.records == 0
 
 
 async def test_requeue_puts_batch_back_in_front_and_flushes_without_linger() -> None:
     buf = BufferManager(10, 10**6)
     buf.put([b"a", b"b", b"c"], 3)
-    batch = await buf.next_batch(2, linger_s=0)
+    batch = await one_batch(buf, 2, 0)
     buf.requeue(batch)
     assert buf.records == 3
     started = time.monotonic()
-    assert await buf.next_batch(5, linger_s=60) == [b"a", b"b", b"c"]
+    assert await one_batch(buf, 5, 60) == [b"a", b"b", b"c"]
     assert time.monotonic() - started < 1
 
 
@@ -111,8 +117,8 @@ async def test_close_refuses_puts_and_drains_then_returns_empty() -> None:
     buf.close()
     with pytest.raises(BufferClosed):
         buf.put(recs(1), 10)
-    assert await asyncio.wait_for(buf.next_batch(10, linger_s=60), 5) == recs(2)  # no linger once closed
-    assert await asyncio.wait_for(buf.next_batch(10, linger_s=60), 5) == []
+    assert await asyncio.wait_for(one_batch(buf, 10, 60), 5) == recs(2)  # no linger once closed
+    assert await asyncio.wait_for(one_batch(buf, 10, 60), 5) == []
 
 
 async def test_whole_requests_mode_never_splits_a_request() -> None:
@@ -120,8 +126,8 @@ async def test_whole_requests_mode_never_splits_a_request() -> None:
     buf.put(recs(3), 30)
     buf.put(recs(4), 40)
     buf.put(recs(2), 20)
-    assert len(await buf.next_batch(5, linger_s=0)) == 7  # 3 + all 4 of the second request
-    assert len(await buf.next_batch(5, linger_s=0)) == 2
+    assert len(await one_batch(buf, 5, 0)) == 7  # 3 + all 4 of the second request
+    assert len(await one_batch(buf, 5, 0)) == 2
 
 
 async def test_discard_fails_exactly_the_batch_requests() -> None:
@@ -129,9 +135,25 @@ async def test_discard_fails_exactly_the_batch_requests() -> None:
     first = buf.put(recs(2), 20, want_ack=True)
     second = buf.put(recs(2), 20, want_ack=True)
     assert first is not None and second is not None
-    buf.discard(await buf.next_batch(2, linger_s=0), OSError(28, "No space left on device"))
+    buf.discard(await one_batch(buf, 2, 0), OSError(28, "No space left on device"))
     with pytest.raises(OSError, match="No space"):
         await first
     assert not second.done() and buf.records == 2
-    buf.stored(await buf.next_batch(2, linger_s=0))
+    buf.stored(await one_batch(buf, 2, 0))
     await second
+
+
+async def test_a_backlog_is_handed_over_as_several_full_batches() -> None:
+    buf = BufferManager(100, 10**6)
+    buf.put(recs(25), 250)
+    batches = await buf.next_batches(10, linger_s=60, max_batches=8)
+    assert [len(b) for b in batches] == [10, 10]  # the 5 left over wait for more or for the linger
+    assert buf.queued == 5
+
+
+def test_above_measures_records_and_bytes_against_their_bounds() -> None:
+    buf = BufferManager(max_records=10, max_bytes=1000)
+    buf.put(recs(8), 80)
+    assert buf.above(80) and not buf.above(81) and not buf.above(100)
+    buf.put(recs(1, size=920), 920)
+    assert buf.above(100)  # by bytes: 1000 of 1000, with 9 of 10 records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from pathlib import Path
 
 import orjson
@@ -113,6 +114,27 @@ async def test_ingest_buffer_full_503(tmp_path: Path) -> None:
     with pytest.raises(IngestError) as info:
         await service.ingest(b'[{"node_id":"a"},{"node_id":"b"}]', "json")
     assert (info.value.status, info.value.error, info.value.retry_after) == (503, "buffer_full", "1")
+
+
+async def test_a_full_buffer_refuses_before_parsing(tmp_path: Path) -> None:
+    service = make_service(tmp_path, max_records=2)
+    await service.ingest(b'[{"node_id":"a"},{"node_id":"b"}]', "json")
+    with pytest.raises(IngestError) as info:  # not 400: the body is never parsed
+        await service.ingest(b"{not json", "json")
+    assert (info.value.status, info.value.error) == (503, "buffer_full")
+
+
+def test_encoded_records_hold_no_oversized_allocation() -> None:
+    """orjson.dumps results keep ~4 KiB each; stored plaintexts must be exact-size copies."""
+    values = [{"node_id": f"n{i}", "v": i, "pad": "x" * 100} for i in range(20_000)]
+    tracemalloc.start()
+    try:
+        plaintexts, nbytes = encode_records(values, NOW)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert nbytes == sum(map(len, plaintexts))
+    assert held < 3 * nbytes  # ~80 MB without the copy, ~4 MB with it
 
 
 async def test_start_stop_drains_everything_and_refuses_after(tmp_path: Path) -> None:
