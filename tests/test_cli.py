@@ -228,13 +228,17 @@ def test_read_without_a_usable_key_says_how_to_make_one(log: Log) -> None:
     assert "not a Fernet key" in one_error_line(bad)
 
 
+def flip_byte_in_the_middle(segment: Path, batch: logfile.Batch, mask: int) -> None:
+    raw = bytearray(segment.read_bytes())
+    raw[(batch.offset + batch.end) // 2] ^= mask
+    segment.write_bytes(bytes(raw))
+
+
 def test_read_skips_a_damaged_batch_with_a_warning(log: Log) -> None:
     segment = log.segments[0]
     middle = batches(segment)[1]
     assert isinstance(middle, logfile.Batch)
-    raw = bytearray(segment.read_bytes())
-    raw[(middle.offset + middle.end) // 2] ^= 0xFF
-    segment.write_bytes(bytes(raw))
+    flip_byte_in_the_middle(segment, middle, 0xFF)
     proc = log.cli("read")
     assert parse_lines(proc.stdout) == log.records[:2] + log.records[4:]
     assert f"offset {middle.offset}" in proc.stderr.decode()
@@ -346,9 +350,7 @@ def test_verify_names_a_corrupt_batch_and_its_offset(log: Log) -> None:
     segment = log.segments[1]  # sealed: a later segment exists
     first = batches(segment)[0]
     assert isinstance(first, logfile.Batch)
-    raw = bytearray(segment.read_bytes())
-    raw[(first.offset + first.end) // 2] ^= 0x01
-    segment.write_bytes(bytes(raw))
+    flip_byte_in_the_middle(segment, first, 0x01)
     proc = log.cli("verify")
     assert proc.returncode == 1
     out = proc.stdout.decode()
