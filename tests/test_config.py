@@ -88,3 +88,13 @@ def test_body_over_burst_is_fine_when_the_limiter_is_off(tmp_path: Path) -> None
 def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.ini", environ={})
+
+
+def test_docs_list_every_key_with_its_default() -> None:
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    for section, keys in SCHEMA.items():
+        for key, (_, default) in keys.items():
+            if key in ("tls_keyfile", "tls_client_ca", "tls_certfile"):
+                assert f"| {section} | {key}" in doc or "tls_certfile, tls_keyfile" in doc
+                continue
+            assert f"| {section} | {key} | `{default}` |" in doc, f"docs/configuration.md: [{section}] {key}"

@@ -216,6 +216,13 @@ def test_openapi_documents_the_ingest_route(sink: Sink) -> None:
         assert "Retry-After" in post["responses"][status]["headers"]
 
 
+def test_http_api_doc_lists_every_documented_status(sink: Sink) -> None:
+    post = httpx.get(sink.server.url + "/openapi.json", timeout=5.0).json()["paths"]["/telemetry"]["post"]
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "http-api.md").read_text()
+    for status in post["responses"]:
+        assert f"\n| {status} |" in doc, f"docs/http-api.md does not list {status}"
+
+
 # -- client errors: exact shapes, never a 500 --
 
 
