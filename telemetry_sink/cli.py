@@ -77,8 +77,8 @@ def build_app(config: Config, *, slots: int = 1) -> Any:
     tokens = TokenTable(config.auth.tokens_file) if config.auth.tokens_file else None
     # The writer thread releases the GIL to encrypt and write, then waits to get it back while
     # the event loop parses requests; with Python's default 5 ms switch interval that wait
-    # capped a busy server near 280k records/s (2 cores); 0.5 ms measured ~415k, same
-    # single-record rate (docs/BENCHMARKS.md).
+    # held 100-record arrays to ~300k records/s on 2 cores; 0.5 ms: ~530k, single records
+    # unchanged (A/B in docs/BENCHMARKS.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     registry = CollectorRegistry()
     service = TelemetryService.from_config(config, crypto, slots=slots, metrics=WriterMetrics(registry))

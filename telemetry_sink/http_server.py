@@ -203,8 +203,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     (a silent or header-trickling client is cut off) and one for the body (408, then close).
 
     Deadlines are plain timestamps checked by one sweep per event loop every 0.25 s, not
-    timers per request: arming and cancelling timers cost ~7 µs a request, a fifth of the
-    single-record ingest path. Module-level so uvicorn can hand it to worker processes;
+    timers per request: with per-request timers the single-record rate was 17 % lower
+    (docs/BENCHMARKS.md). Module-level so uvicorn can hand it to worker processes;
     `configure_guard` sets the limits.
     """
 
