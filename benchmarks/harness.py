@@ -424,15 +424,15 @@ def run_wrk(url: str, body: Payload, seconds: float, connections: int = 64, thre
 def count_logged(data_dir: Path, key_file: Path, decrypt_every: int = 50) -> tuple[int, int]:
     """(records in every segment of `data_dir`, tokens decrypted): CRC-checked counts from the
     segment reader, and every `decrypt_every`-th token authenticated and decrypted with the key."""
-    from telemetry_sink import logfile
+    from telemetry_sink import segment_format
     from telemetry_sink.crypto import CryptoService
 
     crypto = CryptoService.from_key_file(key_file)
     total = decrypted = 0
-    for path in logfile.list_segments(data_dir):
-        with logfile.SegmentImage(path) as image:
+    for path in segment_format.list_segments(data_dir):
+        with segment_format.SegmentImage(path) as image:
             for item in image.batches():
-                if not isinstance(item, logfile.Batch):
+                if not isinstance(item, segment_format.Batch):
                     raise AssertionError(f"{path}: damaged log: {item}")
                 for token in item.tokens[:: max(1, decrypt_every)]:
                     orjson.loads(crypto.decrypt(token))

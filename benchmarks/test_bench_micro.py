@@ -16,7 +16,7 @@ from typing import Any
 import harness
 import pytest
 
-from telemetry_sink import logfile, speedups
+from telemetry_sink import segment_format, speedups
 from telemetry_sink.crypto import CryptoService, write_key_file
 from telemetry_sink.service import encode_records, parse_body
 
@@ -79,9 +79,9 @@ def segment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CryptoServi
     crypto = CryptoService.from_key_file(key_file)
     framer = crypto.new_framer()
     plaintexts = [harness.orjson.dumps(r) for r in harness.records(1000)]
-    path = directory / logfile.segment_name("w0", 0)
+    path = directory / segment_format.segment_name("w0", 0)
     with open(path, "wb") as f:
-        f.write(logfile.FILE_HEADER_BYTES)
+        f.write(segment_format.FILE_HEADER_BYTES)
         for i in range(20):
             f.write(framer.frame(i * 1000, 1767225600000, plaintexts))
     return path, crypto, 20 * 1000
@@ -89,9 +89,9 @@ def segment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CryptoServi
 
 def _read(path: Path, decrypt: Callable[[bytes], bytes] | None) -> int:
     n = 0
-    with logfile.SegmentImage(path) as image:
+    with segment_format.SegmentImage(path) as image:
         for item in image.batches():
-            assert isinstance(item, logfile.Batch)
+            assert isinstance(item, segment_format.Batch)
             if decrypt is None:
                 n += item.count
             else:

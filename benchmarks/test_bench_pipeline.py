@@ -1,7 +1,7 @@
 """In-process pipeline: records/s from TelemetryService.ingest to bytes on disk.
 
 The service is wired exactly as `telemetry-sink serve` wires it (load_config + TelemetryService.from_config:
-LogWriter + BufferManager + RateLimiter(0, ...)), on uvloop; one round = writer.open(), service.start(),
+SegmentWriter + BufferManager + RateLimiter(0, ...)), on uvloop; one round = writer.open(), service.start(),
 ingest N records in requests of 1 / 100 / 1000 records (yielding to the loop after each request, as the
 HTTP server does; a 503 buffer_full is retried after 1 ms, like a client would), service.stop() (drain,
 fsync, close). fsync = never and fsync = batch; writer batch_size 1000, flush_interval_ms 200.

@@ -18,8 +18,8 @@ import pytest
 from telemetry_sink.buffer import BufferManager
 from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.http_server import IngestFastPath, create_app
-from telemetry_sink.log_writer import LogWriter
 from telemetry_sink.rate_limiter import RateLimiter
+from telemetry_sink.segment_writer import SegmentWriter
 from telemetry_sink.service import TelemetryService
 
 REQUESTS = 2000
@@ -28,7 +28,7 @@ REQUESTS = 2000
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[IngestFastPath]:
     crypto = CryptoService([generate_key().decode()], "bench")
-    writer = LogWriter(tmp_path, crypto, batch_size=1000, flush_interval_ms=1000, fsync="never",
+    writer = SegmentWriter(tmp_path, crypto, batch_size=1000, flush_interval_ms=1000, fsync="never",
                        fsync_interval_ms=1000, max_segment_bytes=1 << 30)
     writer.open()
     # The writer task is not started: records pile up in a large buffer, emptied between rounds.

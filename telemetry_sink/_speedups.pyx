@@ -77,7 +77,7 @@ class OpenSSLError(RuntimeError):
     """An OpenSSL call failed; no output was produced."""
 
 
-# --- TSB1 / Fernet layout constants (see telemetry_sink/logfile.py and the Fernet spec) ---
+# --- TSB1 / Fernet layout constants (see telemetry_sink/segment_format.py and the Fernet spec) ---
 cdef enum:
     BATCH_HEADER_SIZE = 12      # "TSB1", u32 body length, u32 crc32(body)
     BODY_HEADER_SIZE = 20       # u64 first_seq, u32 count, u64 created_ms

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from cryptography.fernet import Fernet
 
-from .logfile import frame_batch
+from .segment_format import frame_batch
 
 IMPLEMENTATION = "pure-python"
 

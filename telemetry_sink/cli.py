@@ -17,11 +17,11 @@ from typing import IO, Any
 
 import orjson
 
-from . import __version__, logfile, speedups
+from . import __version__, segment_format, speedups
 from .auth import AuthConfigError
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, InvalidToken, KeyConfigError, write_key_file
-from .log_writer import WriterLockedError
+from .segment_writer import WriterLockedError
 
 log = logging.getLogger("telemetry_sink")
 
@@ -64,7 +64,7 @@ SERVE_ENV = "TELEMETRY_SINK_SERVE_ARGS"  # how `serve` hands its arguments to wo
 _serving: list[Any] = []  # the TelemetryService of this process, for the signal hook
 
 
-def build_app(config: Config, *, slots: int = 1) -> Any:
+def build_app(config: Config, *, workers: int = 1) -> Any:
     """Wire the service, open its writer (claiming a segment series) and build the ASGI app."""
     from prometheus_client import CollectorRegistry
 
@@ -81,7 +81,7 @@ def build_app(config: Config, *, slots: int = 1) -> Any:
     # unchanged (A/B in docs/BENCHMARKS.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     registry = CollectorRegistry()
-    service = TelemetryService.from_config(config, crypto, slots=slots, metrics=WriterMetrics(registry))
+    service = TelemetryService.from_config(config, crypto, workers=workers, metrics=WriterMetrics(registry))
     service.writer.open()
     _serving[:] = [service]
     srv = config.server
@@ -94,7 +94,7 @@ def worker_app() -> Any:
     """uvicorn app factory run in each worker process when [server] workers > 1."""
     params = orjson.loads(os.environ[SERVE_ENV])
     config = load_config(Path(params["config"]) if params["config"] else None)
-    return build_app(config, slots=config.server.workers)
+    return build_app(config, workers=config.server.workers)
 
 
 def _uvicorn_server_class() -> type[Any]:
@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .auth import TokenTable
     from .http_server import GuardedHttpToolsProtocol
-    from .logs import configure
+    from .logging_setup import configure
 
     log_config = configure(args.log_level, args.log_format)
     path = _config_path(args.config)
@@ -207,12 +207,12 @@ def _segments(paths: Sequence[str], config_arg: str | None) -> list[Path]:
         directory = _load(config_arg).writer.directory
         if not directory.is_dir():
             raise CliError(f"log directory {directory} does not exist")
-        return logfile.list_segments(directory)
+        return segment_format.list_segments(directory)
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            out.extend(logfile.list_segments(p))
+            out.extend(segment_format.list_segments(p))
         elif p.is_file():
             out.append(p)
         else:
@@ -247,11 +247,11 @@ class _Follower:
 
     def read_new(self, paths: list[Path], final: bool) -> None:
         for path in paths:
-            start = self.offsets.get(path, logfile.FILE_HEADER_SIZE)
+            start = self.offsets.get(path, segment_format.FILE_HEADER_SIZE)
             try:
-                image = logfile.SegmentImage(path)
-            except logfile.SegmentFormatError as exc:
-                if final or path.stat().st_size >= logfile.FILE_HEADER_SIZE:
+                image = segment_format.SegmentImage(path)
+            except segment_format.SegmentFormatError as exc:
+                if final or path.stat().st_size >= segment_format.FILE_HEADER_SIZE:
                     _warn(f"{path}: skipped, {exc}")
                     self.offsets[path] = 1 << 62
                 continue
@@ -259,7 +259,7 @@ class _Follower:
                 if image.size <= start:
                     continue
                 for item in image.batches(start):
-                    if isinstance(item, logfile.Batch):
+                    if isinstance(item, segment_format.Batch):
                         self._emit(item)
                         self.offsets[path] = item.end
                     elif item.kind == "corrupt":
@@ -277,7 +277,7 @@ class _Follower:
             raise CliError(f"{message} (--strict)")
         _warn(f"skipped {message}")
 
-    def _emit(self, batch: logfile.Batch) -> None:
+    def _emit(self, batch: segment_format.Batch) -> None:
         write = self.out.write
         for token in batch.tokens:
             try:
@@ -332,13 +332,13 @@ class _SegmentReport:
 def _verify_segment(path: Path, crypto: CryptoService | None, expected_seq: int | None) -> _SegmentReport:
     report = _SegmentReport()
     try:
-        image = logfile.SegmentImage(path)
-    except (logfile.SegmentFormatError, OSError) as exc:
+        image = segment_format.SegmentImage(path)
+    except (segment_format.SegmentFormatError, OSError) as exc:
         report.problems.append(f"unreadable: {exc}")
         return report
     with image:
         for item in image.batches():
-            if isinstance(item, logfile.Damage):
+            if isinstance(item, segment_format.Damage):
                 what = "torn tail" if item.kind == "torn" else "corrupt batch"
                 report.problems.append(f"{what} at offset {item.offset} ({item.end - item.offset} bytes: "
                                        f"{item.detail})")
@@ -372,9 +372,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     damaged = 0
     totals = _SegmentReport()
     for path in segments:
-        report = _verify_segment(path, crypto, next_seq.get(logfile.parse_segment_name(path)[0]))
+        report = _verify_segment(path, crypto, next_seq.get(segment_format.parse_segment_name(path)[0]))
         if report.last_seq is not None:
-            next_seq[logfile.parse_segment_name(path)[0]] = report.last_seq + 1
+            next_seq[segment_format.parse_segment_name(path)[0]] = report.last_seq + 1
         seq = f"seq {report.first_seq}..{report.last_seq}" if report.last_seq is not None else "no records"
         status = "ok" if not report.problems else "DAMAGED"
         print(f"{path}: {status}: {report.batches} batches, {report.records} records, {seq}")

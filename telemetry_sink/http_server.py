@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import __version__, logfile
+from . import __version__, segment_format
 from .auth import TokenTable
 from .metrics import SinkCollector, Snapshot
 from .service import IngestError, TelemetryService, shutting_down
@@ -350,7 +350,7 @@ _INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _snapshot(service: TelemetryService) -> Snapshot:
     segments = 0
     segment_bytes = 0
-    for path in logfile.list_segments(service.writer.directory):
+    for path in segment_format.list_segments(service.writer.directory):
         try:
             segment_bytes += path.stat().st_size
         except FileNotFoundError:  # deleted by retention meanwhile

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import logfile
+from . import segment_format
 from .crypto import CryptoService, InvalidToken
 
 log = logging.getLogger("telemetry_sink.rotate")
@@ -46,11 +46,11 @@ def _series_is_idle(directory: Path, series: str) -> bool:
 
 def _rotated_image(path: Path, crypto: CryptoService) -> tuple[bytes | None, int]:
     """The segment re-encrypted under the first key, or None if every token already uses it."""
-    out = bytearray(logfile.FILE_HEADER_BYTES)
+    out = bytearray(segment_format.FILE_HEADER_BYTES)
     rotated = 0
-    with logfile.SegmentImage(path) as image:
+    with segment_format.SegmentImage(path) as image:
         for item in image.batches():
-            if isinstance(item, logfile.Damage):
+            if isinstance(item, segment_format.Damage):
                 out += image.raw(item.offset, item.end)  # damage is kept verbatim, never "repaired"
                 continue
             tokens = []
@@ -60,7 +60,7 @@ def _rotated_image(path: Path, crypto: CryptoService) -> tuple[bytes | None, int
                 else:
                     tokens.append(crypto.rotate(token))
                     rotated += 1
-            out += logfile.frame_batch(item.first_seq, item.created_ms, tokens)
+            out += segment_format.frame_batch(item.first_seq, item.created_ms, tokens)
     return (bytes(out) if rotated else None), rotated
 
 
@@ -68,24 +68,24 @@ def _replace(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        logfile.write_all(fd, data)
+        segment_format.write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    logfile.fsync_dir(path.parent)
+    segment_format.fsync_dir(path.parent)
 
 
 def rotate_directory(directory: Path, crypto: CryptoService) -> RotationReport:
     """Re-encrypt every sealed segment in `directory` whose tokens do not all use the first key."""
     report = RotationReport()
-    for leftover in directory.glob(f"*{logfile.SEGMENT_SUFFIX}{TMP_SUFFIX}"):
+    for leftover in directory.glob(f"*{segment_format.SEGMENT_SUFFIX}{TMP_SUFFIX}"):
         leftover.unlink()  # a crash before the rename: the original is still in place
         log.info("removed %s left by an interrupted rotation", leftover.name)
-    segments = logfile.list_segments(directory)
+    segments = segment_format.list_segments(directory)
     newest: dict[str, Path] = {}
     for path in segments:
-        newest[logfile.parse_segment_name(path)[0]] = path
+        newest[segment_format.parse_segment_name(path)[0]] = path
     active = {path for series, path in newest.items() if not _series_is_idle(directory, series)}
     for path in segments:
         if path in active:
@@ -96,7 +96,7 @@ def rotate_directory(directory: Path, crypto: CryptoService) -> RotationReport:
         except InvalidToken:
             report.failed.append(f"{path}: a record does not decrypt with any key in the key file")
             continue
-        except logfile.SegmentFormatError as exc:
+        except segment_format.SegmentFormatError as exc:
             report.failed.append(f"{path}: {exc}")
             continue
         if data is None:

@@ -18,9 +18,9 @@ from .auth import Principal
 from .buffer import BufferClosed, BufferFull, BufferManager
 from .config import Config
 from .crypto import CryptoService
-from .log_writer import LogWriter
 from .metrics import WriterMetrics
 from .rate_limiter import RateLimited, RateLimiter
+from .segment_writer import SegmentWriter
 
 log = logging.getLogger("telemetry_sink.service")
 
@@ -172,7 +172,7 @@ class TelemetryService:
         self,
         rate_limiter: RateLimiter,
         buffer: BufferManager,
-        writer: LogWriter,
+        writer: SegmentWriter,
         wall_clock: Callable[[], float] = time.time,
         durable: bool = False,
     ) -> None:
@@ -240,19 +240,19 @@ class TelemetryService:
         return len(plaintexts)
 
     @classmethod
-    def from_config(cls, config: Config, crypto: CryptoService, slots: int = 1,
+    def from_config(cls, config: Config, crypto: CryptoService, workers: int = 1,
                     metrics: WriterMetrics | None = None) -> TelemetryService:
         """Wire the components as `serve` runs them; the writer still has to be open()ed."""
         w, rl = config.writer, config.rate_limit
         durable = config.ingest.ack == "durable"
-        writer = LogWriter(
+        writer = SegmentWriter(
             w.directory, crypto, batch_size=w.batch_size, flush_interval_ms=w.flush_interval_ms, fsync=w.fsync,
             fsync_interval_ms=w.fsync_interval_ms, max_segment_bytes=w.max_segment_bytes,
             max_segment_age_s=w.max_segment_age_s, retention_bytes=w.retention_bytes,
-            retention_days=w.retention_days, durable=durable, slots=slots, metrics=metrics,
+            retention_days=w.retention_days, durable=durable, workers=workers, metrics=metrics,
         )
         return cls(
-            RateLimiter(rl.bytes_per_second / slots, rl.burst_bytes / slots, rl.mode, rl.max_delay_ms / 1000,
+            RateLimiter(rl.bytes_per_second / workers, rl.burst_bytes / workers, rl.mode, rl.max_delay_ms / 1000,
                         per_node_bytes_per_second=rl.per_node_bytes_per_second,
                         per_node_burst_bytes=rl.per_node_burst_bytes, max_node_buckets=rl.per_node_max_buckets),
             BufferManager(config.buffer.max_records, config.buffer.max_bytes, whole_requests=durable),

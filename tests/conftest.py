@@ -23,7 +23,7 @@ import pytest
 from telemetry_sink import speedups
 from telemetry_sink.buffer import BufferManager
 from telemetry_sink.crypto import CryptoService, write_key_file
-from telemetry_sink.log_writer import LogWriter
+from telemetry_sink.segment_writer import SegmentWriter
 
 
 def pytest_report_header() -> str:
@@ -186,10 +186,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
 
 
 def write_log(directory: Path, key: bytes, records: int, segment_bytes: int = 4000) -> None:
-    """Write `records` JSON records with the real LogWriter under `key`, 20 a batch."""
+    """Write `records` JSON records with the real SegmentWriter under `key`, 20 a batch."""
 
     async def go() -> None:
-        writer = LogWriter(directory, CryptoService([key.decode()], "test"), batch_size=20, flush_interval_ms=5,
+        writer = SegmentWriter(directory, CryptoService([key.decode()], "test"), batch_size=20, flush_interval_ms=5,
                            fsync="never", fsync_interval_ms=1000, max_segment_bytes=segment_bytes)
         writer.open()
         buf = BufferManager(1_000_000, 1 << 30)

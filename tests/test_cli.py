@@ -20,7 +20,7 @@ import pytest
 from conftest import ServerProcess, run_cli, write_config
 from cryptography.fernet import Fernet
 
-from telemetry_sink import __version__, logfile, speedups
+from telemetry_sink import __version__, segment_format, speedups
 from telemetry_sink.cli import build_parser
 from telemetry_sink.crypto import CryptoService, generate_key, write_key_file
 
@@ -35,12 +35,12 @@ def write_segment(directory: Path, crypto: CryptoService, batches: list[list[Rec
                   series: str = "w0") -> Path:
     """One segment holding `batches` (each a list of records), sequence numbers from `first_seq`."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / logfile.segment_name(series, first_seq)
-    parts = [logfile.FILE_HEADER_BYTES]
+    path = directory / segment_format.segment_name(series, first_seq)
+    parts = [segment_format.FILE_HEADER_BYTES]
     seq = first_seq
     for i, batch in enumerate(batches):
         tokens = [crypto.encrypt(orjson.dumps(r)) for r in batch]
-        parts.append(logfile.frame_batch(seq, CREATED_MS + i, tokens))
+        parts.append(segment_format.frame_batch(seq, CREATED_MS + i, tokens))
         seq += len(batch)
     path.write_bytes(b"".join(parts))
     return path
@@ -65,8 +65,8 @@ def parse_lines(stdout: bytes) -> list[Record]:
     return [orjson.loads(line) for line in stdout.splitlines()]
 
 
-def batches(path: Path) -> list[logfile.Batch | logfile.Damage]:
-    with logfile.SegmentImage(path) as image:
+def batches(path: Path) -> list[segment_format.Batch | segment_format.Damage]:
+    with segment_format.SegmentImage(path) as image:
         return list(image.batches())
 
 
@@ -228,7 +228,7 @@ def test_read_without_a_usable_key_says_how_to_make_one(log: Log) -> None:
     assert "not a Fernet key" in one_error_line(bad)
 
 
-def flip_byte_in_the_middle(segment: Path, batch: logfile.Batch, mask: int) -> None:
+def flip_byte_in_the_middle(segment: Path, batch: segment_format.Batch, mask: int) -> None:
     raw = bytearray(segment.read_bytes())
     raw[(batch.offset + batch.end) // 2] ^= mask
     segment.write_bytes(bytes(raw))
@@ -237,7 +237,7 @@ def flip_byte_in_the_middle(segment: Path, batch: logfile.Batch, mask: int) -> N
 def test_read_skips_a_damaged_batch_with_a_warning(log: Log) -> None:
     segment = log.segments[0]
     middle = batches(segment)[1]
-    assert isinstance(middle, logfile.Batch)
+    assert isinstance(middle, segment_format.Batch)
     flip_byte_in_the_middle(segment, middle, 0xFF)
     proc = log.cli("read")
     assert parse_lines(proc.stdout) == log.records[:2] + log.records[4:]
@@ -307,7 +307,7 @@ def test_read_follow_prints_records_as_a_live_server_writes_them(
                 assert client.post("/telemetry", content=orjson.dumps(sent[i : i + 3])).status_code == 202
                 for expected in sent[i : i + 3]:
                     assert next_record() == expected
-        assert len(logfile.list_segments(tmp_path / "data")) > 1
+        assert len(segment_format.list_segments(tmp_path / "data")) > 1
         follower.send_signal(signal.SIGTERM)
         assert follower.wait(10) == 0
     finally:
@@ -349,7 +349,7 @@ def test_verify_needs_no_key(log: Log) -> None:
 def test_verify_names_a_corrupt_batch_and_its_offset(log: Log) -> None:
     segment = log.segments[1]  # sealed: a later segment exists
     first = batches(segment)[0]
-    assert isinstance(first, logfile.Batch)
+    assert isinstance(first, segment_format.Batch)
     flip_byte_in_the_middle(segment, first, 0x01)
     proc = log.cli("verify")
     assert proc.returncode == 1
@@ -363,7 +363,7 @@ def test_verify_names_a_corrupt_batch_and_its_offset(log: Log) -> None:
 def test_verify_reports_a_torn_tail(log: Log) -> None:
     segment = log.segments[2]
     last = batches(segment)[-1]
-    assert isinstance(last, logfile.Batch)
+    assert isinstance(last, segment_format.Batch)
     os.truncate(segment, last.end - 7)
     proc = log.cli("verify")
     assert proc.returncode == 1

@@ -11,7 +11,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from telemetry_sink.crypto import CryptoService, KeyConfigError, generate_key, write_key_file
-from telemetry_sink.logfile import FILE_HEADER_BYTES, Batch, iter_batches
+from telemetry_sink.segment_format import FILE_HEADER_BYTES, Batch, iter_batches
 
 
 def test_keygen_writes_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:

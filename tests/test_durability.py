@@ -19,12 +19,12 @@ import orjson
 import pytest
 from conftest import ServerProcess, run_cli, write_log
 
-from telemetry_sink import log_writer, logfile
+from telemetry_sink import segment_format, segment_writer
 from telemetry_sink.buffer import BufferManager
 from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.http_server import create_app
-from telemetry_sink.log_writer import LogWriter
 from telemetry_sink.rate_limiter import RateLimiter
+from telemetry_sink.segment_writer import SegmentWriter
 from telemetry_sink.service import TelemetryService
 
 
@@ -32,10 +32,10 @@ def read_log(directory: Path, key_file: Path) -> list[tuple[int, dict[str, objec
     """Every (sequence number, record) in the log, asserting the log has no damage."""
     crypto = CryptoService.from_key_file(key_file)
     out: list[tuple[int, dict[str, object]]] = []
-    for path in logfile.list_segments(directory):
-        with logfile.SegmentImage(path) as seg:
+    for path in segment_format.list_segments(directory):
+        with segment_format.SegmentImage(path) as seg:
             for item in seg.batches():
-                assert isinstance(item, logfile.Batch), f"{path}: {item}"
+                assert isinstance(item, segment_format.Batch), f"{path}: {item}"
                 out.extend((item.first_seq + i, orjson.loads(crypto.decrypt(t))) for i, t in enumerate(item.tokens))
     return out
 
@@ -142,7 +142,7 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); "
-                    "the injected-failure tests in test_log_writer.py cover write errors")
+                    "the injected-failure tests in test_segment_writer.py cover write errors")
     try:
         yield path
     finally:
@@ -209,16 +209,16 @@ async def test_stalled_disk_fills_the_buffer_then_drains(tmp_path: Path, key_fil
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer stalled for seconds (injected: a real one cannot be made on demand here)."""
     stall = threading.Event()
-    real_write_all = log_writer.write_all
+    real_write_all = segment_writer.write_all
 
     def stalled_write_all(fd: int, data: bytes) -> None:
         stall.wait(20)
         real_write_all(fd, data)
 
-    monkeypatch.setattr(log_writer, "write_all", stalled_write_all)
+    monkeypatch.setattr(segment_writer, "write_all", stalled_write_all)
     stall.set()  # the segment header goes through
     crypto = CryptoService.from_key_file(key_file)
-    writer = LogWriter(tmp_path / "data", crypto, batch_size=10, flush_interval_ms=10, fsync="never",
+    writer = SegmentWriter(tmp_path / "data", crypto, batch_size=10, flush_interval_ms=10, fsync="never",
                        fsync_interval_ms=1000, max_segment_bytes=1 << 20)
     writer.open()
     service = TelemetryService(RateLimiter(0, 1), BufferManager(200, 1 << 20), writer)
@@ -267,10 +267,10 @@ def test_corruption_in_a_sealed_segment_verify_names_it_read_skips_it_strict_fai
     key_file.chmod(0o600)
     data = tmp_path / "data"
     write_log(data, key, 400, segment_bytes=6000)
-    segments = logfile.list_segments(data)
+    segments = segment_format.list_segments(data)
     victim = segments[1]
-    with logfile.SegmentImage(victim) as seg:
-        batches = [b for b in seg.batches() if isinstance(b, logfile.Batch)]
+    with segment_format.SegmentImage(victim) as seg:
+        batches = [b for b in seg.batches() if isinstance(b, segment_format.Batch)]
     hit = batches[1]
     raw = bytearray(victim.read_bytes())
     for k in range(8):  # flip bytes in the middle of the second batch

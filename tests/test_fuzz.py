@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from telemetry_sink import logfile
+from telemetry_sink import segment_format
 from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.service import IngestError, encode_records, parse_body
 
@@ -181,29 +181,30 @@ def test_deep_nesting_is_a_client_error(fmt: str, depth: int) -> None:
 def _valid_segment() -> bytes:
     crypto = CryptoService([generate_key().decode()], "test")
     batches = [
-        logfile.frame_batch(seq, 1_700_000_000_000, [crypto.encrypt(b'{"node_id":"n","i":%d}' % i) for i in range(n)])
+        segment_format.frame_batch(seq, 1_700_000_000_000,
+                                   [crypto.encrypt(b'{"node_id":"n","i":%d}' % i) for i in range(n)])
         for seq, n in ((0, 2), (2, 1), (3, 3))
     ]
-    return logfile.FILE_HEADER_BYTES + b"".join(batches)
+    return segment_format.FILE_HEADER_BYTES + b"".join(batches)
 
 
 VALID_SEGMENT = _valid_segment()
 
 
-def _walk(image: bytes) -> list[logfile.Batch | logfile.Damage]:
+def _walk(image: bytes) -> list[segment_format.Batch | segment_format.Damage]:
     items = []
-    offset = logfile.FILE_HEADER_SIZE
+    offset = segment_format.FILE_HEADER_SIZE
     # Every item advances through the file, so a walk has at most one item a byte.
-    for item in logfile.iter_batches(image):
+    for item in segment_format.iter_batches(image):
         items.append(item)
         assert item.offset >= offset and item.end > item.offset and item.end <= len(image), item
         offset = item.end
         assert len(items) <= len(image)
-        if isinstance(item, logfile.Batch):
-            body = image[item.offset + logfile.BATCH_HEADER_SIZE : item.end]
-            (crc,) = logfile.BATCH_HEADER.unpack_from(image, item.offset)[2:]
+        if isinstance(item, segment_format.Batch):
+            body = image[item.offset + segment_format.BATCH_HEADER_SIZE : item.end]
+            (crc,) = segment_format.BATCH_HEADER.unpack_from(image, item.offset)[2:]
             assert zlib.crc32(body) == crc
-            assert image[item.offset : item.offset + 4] == logfile.BATCH_MAGIC
+            assert image[item.offset : item.offset + 4] == segment_format.BATCH_MAGIC
             assert len(item.tokens) == item.count
     return items
 
@@ -211,21 +212,21 @@ def _walk(image: bytes) -> list[logfile.Batch | logfile.Damage]:
 def test_a_valid_segment_reads_back_whole() -> None:
     items = _walk(VALID_SEGMENT)
     assert [type(i).__name__ for i in items] == ["Batch"] * 3
-    assert [(b.first_seq, b.count) for b in items if isinstance(b, logfile.Batch)] == [(0, 2), (2, 1), (3, 3)]
+    assert [(b.first_seq, b.count) for b in items if isinstance(b, segment_format.Batch)] == [(0, 2), (2, 1), (3, 3)]
 
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=400))
 def test_iter_batches_on_arbitrary_bytes(data: bytes) -> None:
-    _walk(logfile.FILE_HEADER_BYTES + data)
-    _walk(logfile.FILE_HEADER_BYTES + logfile.BATCH_MAGIC + data)
+    _walk(segment_format.FILE_HEADER_BYTES + data)
+    _walk(segment_format.FILE_HEADER_BYTES + segment_format.BATCH_MAGIC + data)
 
 
 mutation = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, len(VALID_SEGMENT) - 1), st.integers(1, 255)),
-    st.tuples(st.just("truncate"), st.integers(logfile.FILE_HEADER_SIZE, len(VALID_SEGMENT)), st.just(0)),
-    st.tuples(st.just("insert"), st.integers(logfile.FILE_HEADER_SIZE, len(VALID_SEGMENT)), st.integers(0, 255)),
-    st.tuples(st.just("delete"), st.integers(logfile.FILE_HEADER_SIZE, len(VALID_SEGMENT) - 1), st.just(0)),
+    st.tuples(st.just("truncate"), st.integers(segment_format.FILE_HEADER_SIZE, len(VALID_SEGMENT)), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(segment_format.FILE_HEADER_SIZE, len(VALID_SEGMENT)), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(segment_format.FILE_HEADER_SIZE, len(VALID_SEGMENT) - 1), st.just(0)),
 )
 
 
@@ -245,10 +246,10 @@ def test_iter_batches_on_mutated_segments(mutations: list[tuple[str, int, int]])
             del image[pos]
     items = _walk(bytes(image))
     # Damage never hides intact batches: every original batch that survived byte for byte is found.
-    found = {bytes(image[i.offset : i.end]) for i in items if isinstance(i, logfile.Batch)}
+    found = {bytes(image[i.offset : i.end]) for i in items if isinstance(i, segment_format.Batch)}
     for original in _walk(VALID_SEGMENT):
         raw = VALID_SEGMENT[original.offset : original.end]
-        if isinstance(original, logfile.Batch) and bytes(image).count(raw) == 1 and raw not in found:
+        if isinstance(original, segment_format.Batch) and bytes(image).count(raw) == 1 and raw not in found:
             # Only possible if the batch now overlaps a preceding forged-but-valid batch: CRC makes that
             # vanishingly unlikely, so treat it as a failure.
             pytest.fail(f"intact batch at seq {original.first_seq} was not found after {mutations}")
@@ -261,8 +262,8 @@ def test_segment_image_rejects_or_reads_any_file(tmp_path_factory: pytest.TempPa
     path = tmp_path_factory.mktemp("img") / "w0-00000000000000000000.tslog"
     path.write_bytes(header + data)
     try:
-        image = logfile.SegmentImage(path)
-    except logfile.SegmentFormatError:
+        image = segment_format.SegmentImage(path)
+    except segment_format.SegmentFormatError:
         return
     with image:
         list(image.batches())
@@ -277,18 +278,18 @@ ATHERIS_HARNESS = textwrap.dedent('''
     import atheris
 
     with atheris.instrument_imports():
-        from telemetry_sink import logfile
+        from telemetry_sink import segment_format
 
     def test_one_input(data: bytes) -> None:
-        image = logfile.FILE_HEADER_BYTES + data
-        offset = logfile.FILE_HEADER_SIZE
-        for n, item in enumerate(logfile.iter_batches(image)):
+        image = segment_format.FILE_HEADER_BYTES + data
+        offset = segment_format.FILE_HEADER_SIZE
+        for n, item in enumerate(segment_format.iter_batches(image)):
             assert n <= len(image)
             assert offset <= item.offset < item.end <= len(image), item
             offset = item.end
-            if isinstance(item, logfile.Batch):
-                crc = logfile.BATCH_HEADER.unpack_from(image, item.offset)[2]
-                assert zlib.crc32(image[item.offset + logfile.BATCH_HEADER_SIZE:item.end]) == crc
+            if isinstance(item, segment_format.Batch):
+                crc = segment_format.BATCH_HEADER.unpack_from(image, item.offset)[2]
+                assert zlib.crc32(image[item.offset + segment_format.BATCH_HEADER_SIZE:item.end]) == crc
 
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
@@ -301,8 +302,8 @@ def test_atheris_segment_reader(tmp_path: Path) -> None:
     harness.write_text(ATHERIS_HARNESS)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "valid").write_bytes(VALID_SEGMENT[logfile.FILE_HEADER_SIZE:])
-    (corpus / "torn").write_bytes(VALID_SEGMENT[logfile.FILE_HEADER_SIZE:-7])
+    (corpus / "valid").write_bytes(VALID_SEGMENT[segment_format.FILE_HEADER_SIZE:])
+    (corpus / "torn").write_bytes(VALID_SEGMENT[segment_format.FILE_HEADER_SIZE:-7])
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run(
         [sys.executable, str(harness), "-runs=100000", "-max_len=2048", "-seed=1", "-max_total_time=20",

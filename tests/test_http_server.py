@@ -26,7 +26,7 @@ import pytest
 from conftest import ServerProcess, run_cli, shared_server, wait_for
 from cryptography.fernet import Fernet
 
-from telemetry_sink import logfile
+from telemetry_sink import segment_format
 from telemetry_sink.crypto import CryptoService
 
 StartServer = Callable[..., ServerProcess]
@@ -41,16 +41,16 @@ def uid(prefix: str = "n") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def batches_on_disk(directory: Path) -> list[tuple[Path, logfile.Batch]]:
+def batches_on_disk(directory: Path) -> list[tuple[Path, segment_format.Batch]]:
     """Every intact batch of every segment in `directory`, in file order."""
-    out: list[tuple[Path, logfile.Batch]] = []
+    out: list[tuple[Path, segment_format.Batch]] = []
     if not directory.is_dir():
         return out
-    for path in logfile.list_segments(directory):
-        if path.stat().st_size < logfile.FILE_HEADER_SIZE:
+    for path in segment_format.list_segments(directory):
+        if path.stat().st_size < segment_format.FILE_HEADER_SIZE:
             continue  # being created by the writer: its header is not written yet
-        with logfile.SegmentImage(path) as image:
-            out.extend((path, item) for item in image.batches() if isinstance(item, logfile.Batch))
+        with segment_format.SegmentImage(path) as image:
+            out.extend((path, item) for item in image.batches() if isinstance(item, segment_format.Batch))
     return out
 
 
@@ -558,16 +558,16 @@ def test_segments_roll_over_with_consecutive_sequence_numbers(
     assert_stopped_gracefully(server, server.stop())
 
     data = tmp_path / "data"
-    segments = logfile.list_segments(data)
+    segments = segment_format.list_segments(data)
     assert len(segments) >= 5
     next_seq = 0
     for path in segments:
-        with logfile.SegmentImage(path) as image:
+        with segment_format.SegmentImage(path) as image:
             items = list(image.batches())
-        assert items and all(isinstance(b, logfile.Batch) for b in items), path
-        assert path.name == logfile.segment_name("w0", next_seq)
+        assert items and all(isinstance(b, segment_format.Batch) for b in items), path
+        assert path.name == segment_format.segment_name("w0", next_seq)
         for batch in items:
-            assert isinstance(batch, logfile.Batch)
+            assert isinstance(batch, segment_format.Batch)
             assert batch.first_seq == next_seq
             next_seq = batch.next_seq
         assert items[-1].offset < 1500  # a segment takes batches until it passes max_segment_bytes ...

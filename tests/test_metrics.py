@@ -11,7 +11,7 @@ from conftest import ServerProcess, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from telemetry_sink import logfile, speedups
+from telemetry_sink import segment_format, speedups
 
 StartServer = Callable[..., ServerProcess]
 P = "telemetry_sink"
@@ -48,7 +48,7 @@ def record(node: str, i: int, pad: int = 0) -> bytes:
 
 
 def segments_on_disk(directory: Path) -> tuple[int, int]:
-    paths = logfile.list_segments(directory)
+    paths = segment_format.list_segments(directory)
     return len(paths), sum(p.stat().st_size for p in paths)
 
 

@@ -13,18 +13,18 @@ import pytest
 from conftest import run_cli, write_config, write_log
 from cryptography.fernet import Fernet
 
-from telemetry_sink import logfile
+from telemetry_sink import segment_format
 from telemetry_sink.crypto import CryptoService, generate_key
-from telemetry_sink.log_writer import LogWriter
 from telemetry_sink.rotate import rotate_directory
+from telemetry_sink.segment_writer import SegmentWriter
 
 
 def tokens(directory: Path) -> list[tuple[int, bytes]]:
     out = []
-    for path in logfile.list_segments(directory):
-        with logfile.SegmentImage(path) as seg:
+    for path in segment_format.list_segments(directory):
+        with segment_format.SegmentImage(path) as seg:
             for item in seg.batches():
-                assert isinstance(item, logfile.Batch)
+                assert isinstance(item, segment_format.Batch)
                 out.extend((item.first_seq + i, t) for i, t in enumerate(item.tokens))
     return out
 
@@ -46,7 +46,7 @@ def test_rotate_key_reencrypts_everything_keeps_content_then_is_a_no_op(
         rotated_setup: tuple[Path, Path, bytes, bytes]) -> None:
     config, data, old, new = rotated_setup
     before = tokens(data)
-    assert len(logfile.list_segments(data)) > 3
+    assert len(segment_format.list_segments(data)) > 3
     done = run_cli("rotate-key", "--config", str(config))
     assert done.returncode == 0, done.stderr.decode()
     assert b"segments re-encrypted (40000 records)" in done.stdout
@@ -86,8 +86,8 @@ def test_active_segment_of_a_running_writer_is_skipped(tmp_path: Path) -> None:
     old, new = generate_key(), generate_key()
     data = tmp_path / "data"
     write_log(data, old, 200, segment_bytes=1 << 20)  # one segment, not full: a writer would append to it
-    (segment,) = logfile.list_segments(data)
-    holder = LogWriter(data, CryptoService([old.decode()], "old"), batch_size=1, flush_interval_ms=5, fsync="never",
+    (segment,) = segment_format.list_segments(data)
+    holder = SegmentWriter(data, CryptoService([old.decode()], "old"), batch_size=1, flush_interval_ms=5, fsync="never",
                        fsync_interval_ms=1000, max_segment_bytes=1 << 20)
     holder.open()
     crypto = CryptoService([new.decode(), old.decode()], "rotated")

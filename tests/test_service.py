@@ -11,8 +11,8 @@ import pytest
 
 from telemetry_sink.buffer import BufferManager
 from telemetry_sink.crypto import CryptoService, generate_key
-from telemetry_sink.log_writer import LogWriter
 from telemetry_sink.rate_limiter import RateLimiter
+from telemetry_sink.segment_writer import SegmentWriter
 from telemetry_sink.service import IngestError, TelemetryService, encode_records, parse_body
 
 NOW = 1_800_000_000.5
@@ -20,7 +20,7 @@ NOW = 1_800_000_000.5
 
 def make_service(tmp_path: Path, *, limiter: RateLimiter | None = None, max_records: int = 1000) -> TelemetryService:
     crypto = CryptoService([generate_key().decode()], "test")
-    writer = LogWriter(tmp_path, crypto, batch_size=10, flush_interval_ms=10, fsync="never", fsync_interval_ms=1000,
+    writer = SegmentWriter(tmp_path, crypto, batch_size=10, flush_interval_ms=10, fsync="never", fsync_interval_ms=1000,
                        max_segment_bytes=1 << 20)
     writer.open()
     return TelemetryService(limiter or RateLimiter(0, 1), BufferManager(max_records, 1 << 20), writer,

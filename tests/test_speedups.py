@@ -16,7 +16,7 @@ import pytest
 from cryptography.fernet import Fernet, MultiFernet
 
 from telemetry_sink import speedups
-from telemetry_sink.logfile import (
+from telemetry_sink.segment_format import (
     BATCH_HEADER,
     BATCH_HEADER_SIZE,
     FILE_HEADER_BYTES,

@@ -14,7 +14,7 @@ from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from telemetry_sink.logfile import BATCH_HEADER, BATCH_HEADER_SIZE, FILE_HEADER_BYTES, Batch, iter_batches
+from telemetry_sink.segment_format import BATCH_HEADER, BATCH_HEADER_SIZE, FILE_HEADER_BYTES, Batch, iter_batches
 
 SIGNING_KEY = bytes(range(16))
 ENCRYPTION_KEY = bytes(range(200, 216))

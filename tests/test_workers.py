@@ -11,7 +11,7 @@ import httpx
 import orjson
 from conftest import ServerProcess, run_cli
 
-from telemetry_sink import logfile
+from telemetry_sink import segment_format
 
 
 def test_two_workers_write_separate_series_and_lose_nothing(start_server: Callable[..., ServerProcess],
@@ -34,7 +34,7 @@ def test_two_workers_write_separate_series_and_lose_nothing(start_server: Callab
     assert server.wait() in (0, -signal.SIGTERM)
     assert server.log().count("shutdown complete:") == 2  # each worker drained its own writer
     data = tmp_path / "data"
-    series = {p.name.split("-")[0] for p in logfile.list_segments(data)}
+    series = {p.name.split("-")[0] for p in segment_format.list_segments(data)}
     assert series <= {"w0", "w1", "w2", "w3"} and len(series) >= 1
     read = run_cli("read", "--key-file", str(key_file), str(data))
     stored = [orjson.loads(line) for line in read.stdout.splitlines()]

@@ -1,4 +1,4 @@
-"""LogWriter: the one background task that frames, encrypts and appends batches to segments.
+"""SegmentWriter: the one background task that frames, encrypts and appends batches to segments.
 
 All file work (framing, write, fsync, truncate) runs on one dedicated thread so the event
 loop never blocks on the disk, and batches stay in order.
@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import logfile
+from . import segment_format
 from .buffer import BufferManager
 from .crypto import CryptoService
-from .logfile import fsync_dir, write_all
 from .metrics import WriterMetrics
+from .segment_format import fsync_dir, write_all
 
 log = logging.getLogger("telemetry_sink.writer")
 
@@ -60,26 +60,26 @@ class Recovery:
 
 def recover_series(directory: Path, series: str) -> Recovery:
     """Cut a torn batch off the newest segment of `series` and find the next sequence number."""
-    segments = logfile.series_segments(directory, series)
+    segments = segment_format.series_segments(directory, series)
     if not segments:
         return Recovery(None, 0, 0)
     newest = segments[-1]
-    name_seq = logfile.parse_segment_name(newest)[1]
+    name_seq = segment_format.parse_segment_name(newest)[1]
     size = newest.stat().st_size
-    if size < logfile.FILE_HEADER_SIZE:
+    if size < segment_format.FILE_HEADER_SIZE:
         # Torn while being created: nothing but (part of) a header was ever written.
         with open(newest, "r+b") as f:
             f.truncate(0)
-            f.write(logfile.FILE_HEADER_BYTES)
+            f.write(segment_format.FILE_HEADER_BYTES)
             os.fsync(f.fileno())
         log.warning("segment %s had a torn header; rewrote it (%d bytes cut)", newest, size)
         return Recovery(newest, name_seq, size)
     next_seq = name_seq
     cut_at: int | None = None
     first_created_ms: int | None = None
-    with logfile.SegmentImage(newest) as image:
+    with segment_format.SegmentImage(newest) as image:
         for item in image.batches():
-            if isinstance(item, logfile.Batch):
+            if isinstance(item, segment_format.Batch):
                 next_seq = item.next_seq
                 if first_created_ms is None:
                     first_created_ms = item.created_ms
@@ -99,7 +99,7 @@ def recover_series(directory: Path, series: str) -> Recovery:
     return Recovery(newest, next_seq, size - cut_at, first_created_ms)
 
 
-class LogWriter:
+class SegmentWriter:
     """Appends encrypted batches to the segment series it claims in `directory`."""
 
     def __init__(
@@ -116,7 +116,7 @@ class LogWriter:
         retention_bytes: int = 0,
         retention_days: int = 0,
         durable: bool = False,
-        slots: int = 1,
+        workers: int = 1,
         metrics: WriterMetrics | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
@@ -133,7 +133,7 @@ class LogWriter:
         # Durable acks: fsync every batch (one fsync serves every request in it, a group
         # commit) and fail a batch's requests instead of retrying it.
         self.durable = durable
-        self.slots = slots
+        self.workers = workers
         self.metrics = metrics
         self.stats = WriterStats()
         self.series: str | None = None
@@ -155,7 +155,7 @@ class LogWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         # Twice as many series as workers: a replacement worker started while its predecessor
         # still drains (uvicorn's restart on SIGHUP) takes a spare series instead of failing.
-        for slot in range(self.slots if self.slots == 1 else 2 * self.slots):
+        for slot in range(self.workers if self.workers == 1 else 2 * self.workers):
             series = f"w{slot}"
             fd = os.open(self.directory / f"{series}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -181,7 +181,7 @@ class LogWriter:
         flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         if create:
-            write_all(fd, logfile.FILE_HEADER_BYTES)
+            write_all(fd, segment_format.FILE_HEADER_BYTES)
             os.fsync(fd)
             fsync_dir(path.parent)
             log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
@@ -224,7 +224,7 @@ class LogWriter:
         if self._fd is not None and self._too_old(now):
             self._seal()
         if self._fd is None:
-            self._open_segment(self.directory / logfile.segment_name(self.series, self.next_seq), create=True)
+            self._open_segment(self.directory / segment_format.segment_name(self.series, self.next_seq), create=True)
         assert self._fd is not None
         try:
             write_all(self._fd, data)
@@ -267,10 +267,10 @@ class LogWriter:
         """Delete this series' oldest sealed segments beyond the size or age budget."""
         if not (self.retention_bytes or self.retention_days) or self.series is None:
             return
-        mine = logfile.series_segments(self.directory, self.series)
+        mine = segment_format.series_segments(self.directory, self.series)
         sizes = {p: p.stat().st_size for p in mine}
         total = sum(sizes.values())
-        budget = self.retention_bytes / self.slots  # workers share the budget evenly
+        budget = self.retention_bytes / self.workers  # workers share the budget evenly
         cutoff = time.time() - self.retention_days * 86400
         for path in mine:
             if path == self._segment:

@@ -1,4 +1,4 @@
-"""LogWriter on real files: batches, sequence numbers, roll-over, fsync policy, torn-tail
+"""SegmentWriter on real files: batches, sequence numbers, roll-over, fsync policy, torn-tail
 recovery, series locks, and write failures (injected) that lose nothing."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from telemetry_sink import log_writer, logfile
+from telemetry_sink import segment_format, segment_writer
 from telemetry_sink.buffer import BufferManager
 from telemetry_sink.crypto import CryptoService, generate_key
-from telemetry_sink.log_writer import LogWriter, WriterLockedError
 from telemetry_sink.metrics import WriterMetrics
+from telemetry_sink.segment_writer import SegmentWriter, WriterLockedError
 
 
 @pytest.fixture
@@ -26,25 +26,25 @@ def crypto() -> CryptoService:
     return CryptoService([generate_key().decode()], "test")
 
 
-def make_writer(directory: Path, crypto: CryptoService, **kw: Any) -> LogWriter:
+def make_writer(directory: Path, crypto: CryptoService, **kw: Any) -> SegmentWriter:
     options: dict[str, Any] = dict(batch_size=10, flush_interval_ms=20, fsync="never", fsync_interval_ms=1000,
                                    max_segment_bytes=1 << 20)
     options.update(kw)
-    return LogWriter(directory, crypto, **options)
+    return SegmentWriter(directory, crypto, **options)
 
 
 def read_all(directory: Path, crypto: CryptoService) -> list[tuple[int, bytes]]:
     """(sequence number, plaintext) of every record, in file order; asserts no damage."""
     out: list[tuple[int, bytes]] = []
-    for path in logfile.list_segments(directory):
-        with logfile.SegmentImage(path) as seg:
+    for path in segment_format.list_segments(directory):
+        with segment_format.SegmentImage(path) as seg:
             for item in seg.batches():
-                assert isinstance(item, logfile.Batch), f"{path}: {item}"
+                assert isinstance(item, segment_format.Batch), f"{path}: {item}"
                 out.extend((item.first_seq + i, crypto.decrypt(t)) for i, t in enumerate(item.tokens))
     return out
 
 
-async def write_records(writer: LogWriter, records: list[bytes], per_put: int = 1,
+async def write_records(writer: SegmentWriter, records: list[bytes], per_put: int = 1,
                         one_write_each: bool = False) -> BufferManager:
     """Put `records` `per_put` at a time; with `one_write_each`, wait until each put is written
     (so every put becomes its own write instead of joining a backlog)."""
@@ -72,7 +72,7 @@ async def test_records_are_written_encrypted_with_consecutive_sequence_numbers(t
     writer.close()
     assert buf.records == 0
     assert read_all(tmp_path, crypto) == list(enumerate(records))
-    raw = b"".join(p.read_bytes() for p in logfile.list_segments(tmp_path))
+    raw = b"".join(p.read_bytes() for p in segment_format.list_segments(tmp_path))
     assert b'"node_id"' not in raw  # nothing in clear text
     assert writer.stats.records == 95 and writer.stats.batches >= 10
 
@@ -83,7 +83,7 @@ async def test_segments_roll_over_and_sort_in_write_order(tmp_path: Path, crypto
     records = [b"r%04d" % i * 20 for i in range(100)]
     await write_records(writer, records, per_put=5, one_write_each=True)
     writer.close()
-    segments = logfile.list_segments(tmp_path)
+    segments = segment_format.list_segments(tmp_path)
     assert len(segments) > 3
     assert read_all(tmp_path, crypto) == list(enumerate(records))
     for path in segments[:-1]:
@@ -108,7 +108,7 @@ async def test_torn_tail_is_cut_at_start_up(tmp_path: Path, crypto: CryptoServic
     writer.open()
     await write_records(writer, [b"a%d" % i for i in range(20)], per_put=10)
     writer.close()
-    (segment,) = logfile.list_segments(tmp_path)
+    (segment,) = segment_format.list_segments(tmp_path)
     size = segment.stat().st_size
     if garbage is None:  # a crash half-way through the second batch
         garbage = crypto.new_framer().frame(20, 0, [b"lost"] * 4)[:-30]
@@ -127,25 +127,25 @@ async def test_torn_tail_is_cut_at_start_up(tmp_path: Path, crypto: CryptoServic
 
 
 async def test_segment_torn_while_being_created(tmp_path: Path, crypto: CryptoService) -> None:
-    (tmp_path / logfile.segment_name("w0", 0)).write_bytes(b"")
-    torn = tmp_path / logfile.segment_name("w0", 7)
+    (tmp_path / segment_format.segment_name("w0", 0)).write_bytes(b"")
+    torn = tmp_path / segment_format.segment_name("w0", 7)
     torn.write_bytes(b"TSINK")
     writer = make_writer(tmp_path, crypto)
     recovery = writer.open()
     assert (recovery.segment, recovery.next_seq, recovery.cut_bytes) == (torn, 7, 5)
     await write_records(writer, [b"x"])
     writer.close()
-    with logfile.SegmentImage(torn) as seg:
+    with segment_format.SegmentImage(torn) as seg:
         (batch,) = seg.batches()
-    assert isinstance(batch, logfile.Batch) and batch.first_seq == 7
+    assert isinstance(batch, segment_format.Batch) and batch.first_seq == 7
 
 
 def test_a_second_writer_cannot_take_the_same_series(tmp_path: Path, crypto: CryptoService) -> None:
-    first = make_writer(tmp_path, crypto, slots=2)
+    first = make_writer(tmp_path, crypto, workers=2)
     first.open()
     with pytest.raises(WriterLockedError, match="locked by another running writer"):
         make_writer(tmp_path, crypto).open()
-    second = make_writer(tmp_path, crypto, slots=2)
+    second = make_writer(tmp_path, crypto, workers=2)
     second.open()
     assert (first.series, second.series) == ("w0", "w1")
     first.close()
@@ -159,7 +159,7 @@ async def test_fsync_policy(tmp_path: Path, crypto: CryptoService, monkeypatch: 
     writer.open()
     calls: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(log_writer.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(segment_writer.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
     buf = BufferManager(1000, 1 << 20)
     task = asyncio.create_task(writer.run(buf))
     for _ in range(5):
@@ -205,7 +205,7 @@ async def test_interval_policy_fsyncs_an_idle_tail(tmp_path: Path, crypto: Crypt
 async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypto: CryptoService,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Injected ENOSPC after a partial write: the partial batch is cut, the batch retried."""
-    real_write_all = log_writer.write_all
+    real_write_all = segment_writer.write_all
     failures = {"left": 3}
 
     def flaky_write_all(fd: int, data: bytes) -> None:
@@ -215,7 +215,7 @@ async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypt
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(log_writer, "write_all", flaky_write_all)
+    monkeypatch.setattr(segment_writer, "write_all", flaky_write_all)
     writer = make_writer(tmp_path, crypto, batch_size=4)
     writer.open()
     records = [b"rec%d" % i for i in range(12)]
@@ -230,14 +230,14 @@ async def test_durable_writer_fsyncs_every_batch_and_fails_requests_on_error(
     writer = make_writer(tmp_path, crypto, fsync="never", durable=True, batch_size=2)
     writer.open()
     fail = {"on": False}
-    real_write_all = log_writer.write_all
+    real_write_all = segment_writer.write_all
 
     def maybe_failing(fd: int, data: bytes) -> None:
         if fail["on"] and len(data) > 16:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(log_writer, "write_all", maybe_failing)
+    monkeypatch.setattr(segment_writer, "write_all", maybe_failing)
     buf = BufferManager(100, 1 << 20, whole_requests=True)
     task = asyncio.create_task(writer.run(buf))
     ok = buf.put([b"a", b"b"], 2, want_ack=True)
@@ -276,7 +276,7 @@ async def test_segment_rolls_on_age(tmp_path: Path, crypto: CryptoService) -> No
     buf.close()
     await task
     writer.close()
-    assert len(logfile.list_segments(tmp_path)) == 2
+    assert len(segment_format.list_segments(tmp_path)) == 2
     assert read_all(tmp_path, crypto) == [(0, b"old"), (1, b"new")]
 
 
@@ -287,7 +287,7 @@ async def test_retention_deletes_oldest_sealed_segments_first(tmp_path: Path, cr
     with caplog.at_level(logging.INFO, logger="telemetry_sink.writer"):
         await write_records(writer, [b"r%04d" % i * 20 for i in range(200)], per_put=5, one_write_each=True)
     writer.close()
-    segments = logfile.list_segments(tmp_path)
+    segments = segment_format.list_segments(tmp_path)
     sizes = [p.stat().st_size for p in segments]
     assert sum(sizes) - sizes[-1] <= 4000  # what is left of the sealed ones fits the budget
     assert writer.stats.segments_deleted > 0
@@ -301,7 +301,7 @@ async def test_retention_by_age_never_deletes_the_active_segment(tmp_path: Path,
     writer.open()
     await write_records(writer, [b"x" * 40 for _ in range(35)], per_put=5, one_write_each=True)
     writer.close()
-    segments = logfile.list_segments(tmp_path)
+    segments = segment_format.list_segments(tmp_path)
     assert len(segments) > 2
     for path in segments:  # pretend all of them are two days old
         os.utime(path, (time.time() - 2 * 86400,) * 2)
@@ -309,7 +309,7 @@ async def test_retention_by_age_never_deletes_the_active_segment(tmp_path: Path,
     assert writer.open().segment == segments[-1]  # not full: the writer appends to it again
     writer._apply_retention()
     writer.close()
-    left = logfile.list_segments(tmp_path)
+    left = segment_format.list_segments(tmp_path)
     assert left == segments[-1:]  # the one a writer appends to is kept
 
 
@@ -328,7 +328,7 @@ async def test_a_backlog_goes_to_the_writer_thread_several_batches_at_a_time(tmp
     writes = registry.get_sample_value("telemetry_sink_flush_seconds_count")
     assert writes is not None and writes <= 2  # 8 batches per hand-off at most: 8 + 2
     assert registry.get_sample_value("telemetry_sink_batch_records_count") == 10
-    with logfile.SegmentImage(logfile.list_segments(tmp_path)[0]) as seg:
-        counts = [b.count for b in seg.batches() if isinstance(b, logfile.Batch)]
+    with segment_format.SegmentImage(segment_format.list_segments(tmp_path)[0]) as seg:
+        counts = [b.count for b in seg.batches() if isinstance(b, segment_format.Batch)]
     assert counts == [10] * 10  # still batch_size records a batch, in order
     assert read_all(tmp_path, crypto) == list(enumerate(records))

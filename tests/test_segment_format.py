@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from telemetry_sink import logfile
-from telemetry_sink.logfile import FILE_HEADER_BYTES, Batch, Damage, frame_batch, iter_batches
+from telemetry_sink import segment_format
+from telemetry_sink.segment_format import FILE_HEADER_BYTES, Batch, Damage, frame_batch, iter_batches
 
 
 def image(*batches: bytes) -> bytes:
@@ -83,29 +83,29 @@ def test_impossible_length_does_not_allocate() -> None:
     ],
 )
 def test_bad_file_headers(header: bytes, message: str) -> None:
-    with pytest.raises(logfile.SegmentFormatError, match=message):
-        logfile.check_file_header(header)
+    with pytest.raises(segment_format.SegmentFormatError, match=message):
+        segment_format.check_file_header(header)
 
 
 def test_segment_image_and_names(tmp_path: Path) -> None:
-    names = [logfile.segment_name("w0", s) for s in (0, 9, 10, 123456789012)]
+    names = [segment_format.segment_name("w0", s) for s in (0, 9, 10, 123456789012)]
     assert names == sorted(names)
     path = tmp_path / names[0]
     path.write_bytes(image(frame_batch(0, 0, [b"q"])))
     (tmp_path / "other.txt").write_text("x")
-    assert logfile.list_segments(tmp_path) == [path]
-    with logfile.SegmentImage(path) as seg:
+    assert segment_format.list_segments(tmp_path) == [path]
+    with segment_format.SegmentImage(path) as seg:
         assert [b.tokens for b in seg.batches() if isinstance(b, Batch)] == [[b"q"]]
     empty = tmp_path / names[1]
     empty.write_bytes(FILE_HEADER_BYTES)
-    with logfile.SegmentImage(empty) as seg:
+    with segment_format.SegmentImage(empty) as seg:
         assert list(seg.batches()) == []
 
 
 def test_segment_names_parse_back_and_select_one_series(tmp_path: Path) -> None:
     for series, seq in (("w0", 0), ("w12", 98765), ("my-host-w1", 7)):
-        assert logfile.parse_segment_name(tmp_path / logfile.segment_name(series, seq)) == (series, seq)
+        assert segment_format.parse_segment_name(tmp_path / segment_format.segment_name(series, seq)) == (series, seq)
     for series, seq in (("w1", 5), ("w0", 9), ("w10", 1), ("w0", 0)):
-        (tmp_path / logfile.segment_name(series, seq)).write_bytes(FILE_HEADER_BYTES)
-    assert [p.name for p in logfile.series_segments(tmp_path, "w0")] == [
-        logfile.segment_name("w0", 0), logfile.segment_name("w0", 9)]
+        (tmp_path / segment_format.segment_name(series, seq)).write_bytes(FILE_HEADER_BYTES)
+    assert [p.name for p in segment_format.series_segments(tmp_path, "w0")] == [
+        segment_format.segment_name("w0", 0), segment_format.segment_name("w0", 9)]

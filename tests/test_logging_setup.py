@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from conftest import ServerProcess, wait_for
 
-from telemetry_sink.logs import TEXT_FORMAT, JsonFormatter
+from telemetry_sink.logging_setup import TEXT_FORMAT, JsonFormatter
 
 GRACEFUL_EXIT = (0, -signal.SIGTERM)
 
