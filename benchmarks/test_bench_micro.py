@@ -18,7 +18,7 @@ import pytest
 
 from telemetry_sink import segment_format, speedups
 from telemetry_sink.crypto import CryptoService, write_key_file
-from telemetry_sink.service import encode_records, parse_body
+from telemetry_sink.records import encode_records, parse_body
 
 TWIN_GATE = 3.0  # quick gate: compiled BatchFramer >= 3x the pure-Python twin (1000 x 150 B records)
 

@@ -22,7 +22,8 @@ import uvloop
 
 from telemetry_sink.config import load_config
 from telemetry_sink.crypto import CryptoService, write_key_file
-from telemetry_sink.service import IngestError, TelemetryService
+from telemetry_sink.errors import IngestError
+from telemetry_sink.service import TelemetryService
 
 TOTAL_RECORDS = {1: 50_000, 100: 300_000, 1000: 300_000}  # 300k: 3x the buffer bound
 _counter = itertools.count()

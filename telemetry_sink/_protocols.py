@@ -1,4 +1,5 @@
-"""The interfaces that both `_speedups` implementations (compiled and twin) satisfy."""
+"""The interfaces that both `_speedups` implementations (compiled and twin) satisfy, documented
+here once; `speedups.py` picks one, and mypy checks both against these."""
 
 from __future__ import annotations
 
@@ -7,17 +8,36 @@ from typing import Protocol
 
 
 class TokenBucketProtocol(Protocol):
+    """Token bucket: `rate` tokens a second refill up to `capacity`; time is passed in."""
+
     rate: float
     capacity: float
     tokens: float
 
     def __init__(self, rate: float, capacity: float, now: float) -> None: ...
-    def refill(self, now: float) -> None: ...
-    def try_acquire(self, n: float, now: float) -> bool: ...
-    def time_until_available(self, n: float, now: float) -> float: ...
-    def reserve(self, n: float, now: float, max_wait: float) -> float: ...
+
+    def refill(self, now: float) -> None:
+        """Add the tokens earned since the last call (time never runs backwards here)."""
+
+    def try_acquire(self, n: float, now: float) -> bool:
+        """Take `n` tokens if they are there now; return whether it did."""
+
+    def time_until_available(self, n: float, now: float) -> float:
+        """Seconds until `n` tokens will be there (0.0 if now; inf if n > capacity)."""
+
+    def reserve(self, n: float, now: float, max_wait: float) -> float:
+        """Take `n` tokens, going into debt, if they are there within `max_wait` seconds.
+
+        Returns the wait (>= 0) the caller must sleep before proceeding, or -1.0 (and
+        takes nothing) when the wait would exceed `max_wait`. Debt queues callers FIFO.
+        """
 
 
 class BatchFramerProtocol(Protocol):
+    """Encrypts records as standard Fernet tokens and frames them as one TSB1 batch; one thread
+    at a time per instance."""
+
     def __init__(self, signing_key: bytes, encryption_key: bytes) -> None: ...
-    def frame(self, first_seq: int, created_ms: int, records: Sequence[bytes]) -> bytes: ...
+
+    def frame(self, first_seq: int, created_ms: int, records: Sequence[bytes]) -> bytes:
+        """Return one complete batch; each token carries created_ms // 1000 as its time."""

@@ -1,4 +1,5 @@
-"""Type stub for the compiled `telemetry_sink._speedups` extension (see _speedups.pyx)."""
+"""Type stub for the compiled `telemetry_sink._speedups` (see _speedups.pyx); the interface and its
+documentation are in `_protocols.py`, which the pure-Python twin satisfies too."""
 
 from collections.abc import Sequence
 
@@ -7,12 +8,9 @@ from _typeshed import ReadableBuffer
 IMPLEMENTATION: str
 OPENSSL_VERSION: str
 
-class OpenSSLError(RuntimeError):
-    """An OpenSSL call failed; no output was produced."""
+class OpenSSLError(RuntimeError): ...
 
 class TokenBucket:
-    """Token bucket: `rate` tokens a second refill up to `capacity`; time is passed in."""
-
     rate: float
     capacity: float
     tokens: float
@@ -25,7 +23,5 @@ class TokenBucket:
     def reserve(self, n: float, now: float, max_wait: float) -> float: ...
 
 class BatchFramer:
-    """Fernet-encrypts records and frames them as one TSB1 batch; one thread at a time."""
-
     def __init__(self, signing_key: ReadableBuffer, encryption_key: ReadableBuffer) -> None: ...
     def frame(self, first_seq: int, created_ms: int, records: Sequence[bytes]) -> bytes: ...

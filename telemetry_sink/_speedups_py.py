@@ -16,7 +16,7 @@ IMPLEMENTATION = "pure-python"
 
 
 class TokenBucket:
-    """Token bucket: `rate` tokens a second refill up to `capacity`; time is passed in."""
+    """The token bucket (see _protocols.TokenBucketProtocol)."""
 
     __slots__ = ("capacity", "rate", "tokens", "updated")
 
@@ -29,13 +29,11 @@ class TokenBucket:
         self.updated = float(now)
 
     def refill(self, now: float) -> None:
-        """Add the tokens earned since the last call (time never runs backwards here)."""
         if now > self.updated:
             self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
             self.updated = now
 
     def try_acquire(self, n: float, now: float) -> bool:
-        """Take `n` tokens if they are there now; return whether it did."""
         self.refill(now)
         if self.tokens >= n:
             self.tokens -= n
@@ -43,7 +41,6 @@ class TokenBucket:
         return False
 
     def time_until_available(self, n: float, now: float) -> float:
-        """Seconds until `n` tokens will be there (0.0 if now; inf if n > capacity)."""
         self.refill(now)
         if n > self.capacity:
             return float("inf")
@@ -52,11 +49,6 @@ class TokenBucket:
         return (n - self.tokens) / self.rate
 
     def reserve(self, n: float, now: float, max_wait: float) -> float:
-        """Take `n` tokens, going into debt, if they are there within `max_wait` seconds.
-
-        Returns the wait (>= 0) the caller must sleep before proceeding, or -1.0 (and
-        takes nothing) when the wait would exceed `max_wait`. Debt queues callers FIFO.
-        """
         wait = self.time_until_available(n, now)
         if wait > max_wait:
             return -1.0
@@ -65,7 +57,7 @@ class TokenBucket:
 
 
 class BatchFramer:
-    """Encrypts records as standard Fernet tokens and frames them as one TSB1 batch."""
+    """The batch framer on `cryptography`'s Fernet (see _protocols.BatchFramerProtocol)."""
 
     __slots__ = ("_fernet",)
 
@@ -75,7 +67,6 @@ class BatchFramer:
         self._fernet = Fernet(base64.urlsafe_b64encode(signing_key + encryption_key))
 
     def frame(self, first_seq: int, created_ms: int, records: Sequence[bytes]) -> bytes:
-        """Return one complete batch; each token carries created_ms // 1000 as its time."""
         at = created_ms // 1000
         encrypt = self._fernet.encrypt_at_time
         return frame_batch(first_seq, created_ms, [encrypt(r, at) for r in records])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from collections import deque
 from collections.abc import Callable
@@ -11,8 +12,6 @@ from collections.abc import Callable
 
 class BufferFull(Exception):
     """The records would push the buffer past `max_records` or `max_bytes`."""
-
-    retry_after_header = "1"
 
 
 class BufferClosed(Exception):
@@ -154,16 +153,22 @@ class BufferManager:
             if exc is None:
                 future.set_result(None)
             else:
-                future.set_exception(exc)
+                future.set_exception(_own_copy(exc))
 
     def fail_acks(self, exc: BaseException) -> None:
         """Fail every pending ack (the writer died), so no caller waits forever."""
         while self._acks:
             future = self._acks.popleft()[1]
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(_own_copy(exc))
 
     def close(self) -> None:
         """Refuse further puts; the writer drains what is queued, then sees []."""
         self.closed = True
         self._wakeup.set()
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """A copy of `exc` for one waiter: each raises its own, so tracebacks do not pile up on a
+    shared exception object (as aiokafka does for its batch futures)."""
+    return copy.copy(exc)

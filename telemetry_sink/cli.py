@@ -1,29 +1,26 @@
-"""The `telemetry-sink` command: serve, keygen, read, verify, info."""
+"""The `telemetry-sink` command line: argument parsing and dispatch to the modules that do the work
+(serve.py, reader.py, rotate.py, auth.py, crypto.py). Errors a person can hit are one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
-import orjson
-
-from . import __version__, segment_format, speedups
+from . import __version__, speedups
 from .auth import AuthConfigError
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .crypto import CryptoService, InvalidToken, KeyConfigError, write_key_file
+from .crypto import CryptoService, KeyConfigError, write_key_file
+from .reader import DamageError, Follower, NoSegmentsError, RecordFilter, segment_paths, verify_segments
 from .segment_writer import WriterLockedError
-
-log = logging.getLogger("telemetry_sink")
+from .serve import ServeError
 
 CONFIG_ENV = "TELEMETRY_SINK_CONFIG"
 EXIT_DAMAGE = 1
@@ -50,120 +47,12 @@ def _load(arg: str | None) -> Config:
 # -- serve --
 
 
-def _effective_config(config: Config) -> dict[str, Any]:
-    """The configuration as logged at start-up: paths only, never key material (there is none in it)."""
-    out: dict[str, Any] = {}
-    for section in ("server", "ingest", "rate_limit", "buffer", "writer", "crypto", "auth"):
-        out[section] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(getattr(config, section)).items()}
-    out["source"] = str(config.source) if config.source else None
-    return out
-
-
-GIL_SWITCH_INTERVAL_S = 0.0005
-SERVE_ENV = "TELEMETRY_SINK_SERVE_ARGS"  # how `serve` hands its arguments to worker processes
-_serving: list[Any] = []  # the TelemetryService of this process, for the signal hook
-
-
-def build_app(config: Config, *, workers: int = 1) -> Any:
-    """Wire the service, open its writer (claiming a segment series) and build the ASGI app."""
-    from prometheus_client import CollectorRegistry
-
-    from .auth import TokenTable
-    from .http_server import configure_guard, create_app
-    from .metrics import WriterMetrics
-    from .service import TelemetryService
-
-    crypto = CryptoService.from_config(config.crypto.key_file)
-    tokens = TokenTable(config.auth.tokens_file) if config.auth.tokens_file else None
-    # The writer thread releases the GIL to encrypt and write, then waits to get it back while
-    # the event loop parses requests; with Python's default 5 ms switch interval that wait
-    # held 100-record arrays to ~300k records/s on 2 cores; 0.5 ms: ~530k, single records
-    # unchanged (A/B in docs/BENCHMARKS.md).
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    registry = CollectorRegistry()
-    service = TelemetryService.from_config(config, crypto, workers=workers, metrics=WriterMetrics(registry))
-    service.writer.open()
-    _serving[:] = [service]
-    srv = config.server
-    configure_guard(srv.header_timeout_s, srv.body_timeout_s, srv.max_connections)
-    return create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
-                      high_water_percent=config.buffer.high_water_percent, registry=registry)
-
-
-def worker_app() -> Any:
-    """uvicorn app factory run in each worker process when [server] workers > 1."""
-    params = orjson.loads(os.environ[SERVE_ENV])
-    config = load_config(Path(params["config"]) if params["config"] else None)
-    return build_app(config, workers=config.server.workers)
-
-
-def _uvicorn_server_class() -> type[Any]:
-    import uvicorn
-
-    class SinkServer(uvicorn.Server):
-        """uvicorn's own signal handling, plus: refuse new ingests from the first signal on."""
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            for service in _serving:
-                service.begin_shutdown()
-            super().handle_exit(sig, frame)
-
-    return SinkServer
-
-
-def _log_startup(config: Config) -> None:
-    srv = config.server
-    log.info("starting: speedups %s, config %s, %d worker(s), auth %s, tls %s", speedups.IMPLEMENTATION,
-             config.source or "built-in defaults", srv.workers, "on" if config.auth.tokens_file else "off",
-             "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
-             extra={"event": "startup", "implementation": speedups.IMPLEMENTATION,
-                    "config": _effective_config(config)})
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ssl
-
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
-    from .auth import TokenTable
-    from .http_server import GuardedHttpToolsProtocol
     from .logging_setup import configure
+    from .serve import serve
 
     log_config = configure(args.log_level, args.log_format)
-    path = _config_path(args.config)
-    config = load_config(path)
-    srv = config.server
-    for name in ("tls_certfile", "tls_keyfile", "tls_client_ca"):
-        tls_path = getattr(srv, name)
-        if tls_path is not None and not tls_path.is_file():
-            raise CliError(f"[server] {name}: {tls_path} does not exist")
-    tls: dict[str, Any] = {}
-    if srv.tls_certfile is not None:
-        tls = {"ssl_certfile": str(srv.tls_certfile), "ssl_keyfile": str(srv.tls_keyfile)}
-        if srv.tls_client_ca is not None:
-            tls.update(ssl_ca_certs=str(srv.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
-    common: dict[str, Any] = dict(
-        host=srv.host, port=srv.port, loop="uvloop", http=GuardedHttpToolsProtocol, lifespan="on",
-        access_log=args.access_log, log_level=args.log_level, log_config=log_config,
-        timeout_graceful_shutdown=srv.shutdown_timeout_s, timeout_keep_alive=srv.keep_alive_s, **tls,
-    )
-    if srv.workers == 1:
-        app = build_app(config)
-        _log_startup(config)
-        _uvicorn_server_class()(uvicorn.Config(app, **common)).run()
-        return 0
-    # Fail fast, with one line, on what every worker would fail on.
-    CryptoService.from_config(config.crypto.key_file)
-    if config.auth.tokens_file:
-        TokenTable(config.auth.tokens_file)
-    _log_startup(config)
-    os.environ[SERVE_ENV] = orjson.dumps({"config": str(path.resolve()) if path else None}).decode()
-    # uvicorn's supervisor: it forwards signals to the workers, each of which drains its own
-    # writer on shutdown (their lifespan), and restarts workers on SIGHUP.
-    uv_config = uvicorn.Config("telemetry_sink.cli:worker_app", factory=True, workers=srv.workers, **common)
-    Multiprocess(uv_config, sockets=[uv_config.bind_socket()]).run()
-    return 0
+    return serve(_load(args.config), access_log=args.access_log, log_level=args.log_level, log_config=log_config)
 
 
 # -- token --
@@ -199,25 +88,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- shared by read and verify --
+# -- read and verify --
 
 
 def _segments(paths: Sequence[str], config_arg: str | None) -> list[Path]:
-    if not paths:
-        directory = _load(config_arg).writer.directory
-        if not directory.is_dir():
-            raise CliError(f"log directory {directory} does not exist")
-        return segment_format.list_segments(directory)
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            out.extend(segment_format.list_segments(p))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise CliError(f"{p}: no such file or directory")
-    return out
+    return segment_paths(paths, None if paths else _load(config_arg).writer.directory)
 
 
 def _crypto(key_file: str | None, config_arg: str | None) -> CryptoService:
@@ -230,77 +105,9 @@ def _warn(message: str) -> None:
     print(f"telemetry-sink: warning: {message}", file=sys.stderr, flush=True)
 
 
-# -- read --
-
-
-@dataclass
-class _Follower:
-    """Reads segments incrementally: remembers how far each one has been read."""
-
-    crypto: CryptoService
-    out: IO[bytes]
-    node: str | None
-    since: float | None
-    strict: bool = False
-    offsets: dict[Path, int] = field(default_factory=dict)
-    bad_tokens: int = 0
-
-    def read_new(self, paths: list[Path], final: bool) -> None:
-        for path in paths:
-            start = self.offsets.get(path, segment_format.FILE_HEADER_SIZE)
-            try:
-                image = segment_format.SegmentImage(path)
-            except segment_format.SegmentFormatError as exc:
-                if final or path.stat().st_size >= segment_format.FILE_HEADER_SIZE:
-                    _warn(f"{path}: skipped, {exc}")
-                    self.offsets[path] = 1 << 62
-                continue
-            with image:
-                if image.size <= start:
-                    continue
-                for item in image.batches(start):
-                    if isinstance(item, segment_format.Batch):
-                        self._emit(item)
-                        self.offsets[path] = item.end
-                    elif item.kind == "corrupt":
-                        self._damage(f"{path}: damaged batch at offset {item.offset} "
-                                     f"({item.end - item.offset} bytes: {item.detail})")
-                        self.offsets[path] = item.end
-                    elif final:
-                        self._damage(f"{path}: ends in an incomplete batch at offset {item.offset} "
-                                     f"({item.end - item.offset} bytes)")
-            self.out.flush()
-
-    def _damage(self, message: str) -> None:
-        if self.strict:
-            self.out.flush()
-            raise CliError(f"{message} (--strict)")
-        _warn(f"skipped {message}")
-
-    def _emit(self, batch: segment_format.Batch) -> None:
-        write = self.out.write
-        for token in batch.tokens:
-            try:
-                plaintext = self.crypto.decrypt(token)
-            except InvalidToken:
-                self.bad_tokens += 1
-                self._damage(f"a record in the batch at seq {batch.first_seq} that does not authenticate "
-                             f"with the key(s)")
-                continue
-            if self.node is not None or self.since is not None:
-                record = orjson.loads(plaintext)
-                if self.node is not None and record.get("node_id") != self.node:
-                    continue
-                ts = record.get("ts")
-                if self.since is not None and not (isinstance(ts, (int, float)) and ts >= self.since):
-                    continue
-            write(plaintext)
-            write(b"\n")
-
-
 def cmd_read(args: argparse.Namespace) -> int:
     crypto = _crypto(args.key_file, args.config)
-    follower = _Follower(crypto, sys.stdout.buffer, args.node, args.since, args.strict)
+    follower = Follower(crypto, sys.stdout.buffer, _warn, RecordFilter(args.node, args.since), args.strict)
     follower.read_new(_segments(args.paths, args.config), final=not args.follow)
     if not args.follow:
         return EXIT_DAMAGE if follower.bad_tokens else 0
@@ -317,76 +124,12 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-# -- verify --
-
-
-@dataclass
-class _SegmentReport:
-    batches: int = 0
-    records: int = 0
-    first_seq: int | None = None
-    last_seq: int | None = None
-    problems: list[str] = field(default_factory=list)
-
-
-def _verify_segment(path: Path, crypto: CryptoService | None, expected_seq: int | None) -> _SegmentReport:
-    report = _SegmentReport()
-    try:
-        image = segment_format.SegmentImage(path)
-    except (segment_format.SegmentFormatError, OSError) as exc:
-        report.problems.append(f"unreadable: {exc}")
-        return report
-    with image:
-        for item in image.batches():
-            if isinstance(item, segment_format.Damage):
-                what = "torn tail" if item.kind == "torn" else "corrupt batch"
-                report.problems.append(f"{what} at offset {item.offset} ({item.end - item.offset} bytes: "
-                                       f"{item.detail})")
-                continue
-            if expected_seq is not None and item.first_seq != expected_seq:
-                report.problems.append(f"sequence gap at offset {item.offset}: expected {expected_seq}, "
-                                       f"found {item.first_seq}")
-            expected_seq = item.next_seq
-            report.batches += 1
-            report.records += item.count
-            if report.first_seq is None:
-                report.first_seq = item.first_seq
-            if item.count:
-                report.last_seq = item.next_seq - 1
-            if crypto is not None:
-                for i, token in enumerate(item.tokens):
-                    try:
-                        crypto.decrypt(token)
-                    except InvalidToken:
-                        report.problems.append(f"record {item.first_seq + i} (batch at offset {item.offset}) "
-                                               f"does not authenticate")
-    return report
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     crypto = CryptoService.from_key_file(Path(args.key_file)) if args.key_file else None
     segments = _segments(args.paths, args.config)
     if not segments:
         raise CliError("no segments found")
-    next_seq: dict[str, int] = {}
-    damaged = 0
-    totals = _SegmentReport()
-    for path in segments:
-        report = _verify_segment(path, crypto, next_seq.get(segment_format.parse_segment_name(path)[0]))
-        if report.last_seq is not None:
-            next_seq[segment_format.parse_segment_name(path)[0]] = report.last_seq + 1
-        seq = f"seq {report.first_seq}..{report.last_seq}" if report.last_seq is not None else "no records"
-        status = "ok" if not report.problems else "DAMAGED"
-        print(f"{path}: {status}: {report.batches} batches, {report.records} records, {seq}")
-        for problem in report.problems:
-            print(f"  {problem}")
-        damaged += bool(report.problems)
-        totals.batches += report.batches
-        totals.records += report.records
-    auth = ", every token authenticated" if crypto is not None and not damaged else ""
-    print(f"{len(segments)} segments, {totals.batches} batches, {totals.records} records, "
-          f"{damaged} damaged{auth}")
-    return EXIT_DAMAGE if damaged else 0
+    return EXIT_DAMAGE if verify_segments(segments, crypto, print) else 0
 
 
 # -- rotate-key --
@@ -523,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, KeyConfigError, CliError, WriterLockedError, AuthConfigError) as exc:
+    except (ConfigError, KeyConfigError, CliError, WriterLockedError, AuthConfigError, ServeError, DamageError,
+            NoSegmentsError) as exc:
         print(f"telemetry-sink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

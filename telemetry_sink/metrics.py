@@ -46,7 +46,8 @@ class Snapshot:
     write_errors: int
     segments: int
     segment_bytes: int
-    extra: dict[str, float] = field(default_factory=dict)
+    segments_deleted: int = 0
+    gauges: dict[str, float] = field(default_factory=dict)  # further gauges, named as exported
 
 
 class SinkCollector(Collector):
@@ -80,5 +81,7 @@ class SinkCollector(Collector):
                                 value=s.buffer_bytes)
         yield GaugeMetricFamily(f"{PREFIX}_segments", "Segment files in the log directory", value=s.segments)
         yield GaugeMetricFamily(f"{PREFIX}_segment_bytes", "Bytes of segment files on disk", value=s.segment_bytes)
-        for name, value in sorted(s.extra.items()):
+        yield CounterMetricFamily(f"{PREFIX}_segments_deleted", "Segments deleted by retention",
+                                  value=s.segments_deleted)
+        for name, value in sorted(s.gauges.items()):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)

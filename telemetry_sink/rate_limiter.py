@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,13 +19,6 @@ class RateLimited(Exception):
         super().__init__(f"rate limit exceeded, retry after {retry_after:.3f}s")
         self.retry_after = retry_after
         self.per_node = per_node
-
-    @property
-    def retry_after_header(self) -> str:
-        """Whole seconds, rounded up, at least 1 (the HTTP Retry-After form)."""
-        if math.isinf(self.retry_after):  # larger than the bucket: config validation prevents it
-            return "3600"
-        return str(max(1, math.ceil(self.retry_after)))
 
 
 class RateLimiter:

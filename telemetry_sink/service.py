@@ -1,150 +1,30 @@
-"""TelemetryService: transport-agnostic ingest (parse, validate, rate limit, buffer) and the
-writer task's lifecycle. The HTTP adapter maps its results and IngestError to responses.
+"""TelemetryService: transport-agnostic ingest (rate limit, parse and validate, buffer) and the
+writer task's lifecycle, plus the few questions an adapter asks it (health, readiness, metrics).
+The HTTP adapter maps its results and IngestError to responses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from .auth import Principal
 from .buffer import BufferClosed, BufferFull, BufferManager
 from .config import Config
 from .crypto import CryptoService
-from .metrics import WriterMetrics
+from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
+from .metrics import Snapshot, WriterMetrics
 from .rate_limiter import RateLimited, RateLimiter
+from .records import check_permissions, encode_records, parse_body
+from .segment_format import list_segments
 from .segment_writer import SegmentWriter
+from .speedups import IMPLEMENTATION
 
 log = logging.getLogger("telemetry_sink.service")
-
-MAX_NODE_ID_CHARS = 128
-_MISSING = object()
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-WRITE_FAILED_RETRY_AFTER = "2"
-
-
-class IngestError(Exception):
-    """A request that stores nothing: HTTP-ish status, error code, detail, extra headers."""
-
-    def __init__(
-        self,
-        status: int,
-        error: str,
-        detail: str,
-        *,
-        index: int | None = None,
-        retry_after: str | None = None,
-    ) -> None:
-        super().__init__(f"{status} {error}: {detail}")
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.index = index
-        self.retry_after = retry_after
-        self.headers: list[tuple[bytes, bytes]] = []  # extra response headers (e.g. WWW-Authenticate)
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.error}
-        if self.index is not None:
-            out["index"] = self.index
-        out["detail"] = self.detail
-        return out
-
-
-def _invalid(index: int, detail: str) -> IngestError:
-    return IngestError(422, "invalid_record", detail, index=index)
-
-
-def shutting_down() -> IngestError:
-    return IngestError(503, "shutting_down", "the server is shutting down")
-
-
-def _buffer_full() -> IngestError:
-    return IngestError(503, "buffer_full", "the write buffer is full; retry later",
-                       retry_after=BufferFull.retry_after_header)
-
-
-def _storage_error(err: int | None, what: str) -> IngestError:
-    """507 when the disk is full, else 503: the log cannot be written right now."""
-    if err in _DISK_FULL:
-        return IngestError(507, "insufficient_storage", f"the log disk is full ({what})",
-                           retry_after=WRITE_FAILED_RETRY_AFTER)
-    return IngestError(503, "write_failed", f"the log cannot be written ({what})",
-                       retry_after=WRITE_FAILED_RETRY_AFTER)
-
-
-def parse_body(body: bytes, fmt: str) -> list[Any]:
-    """Decode a JSON (object or array of objects) or NDJSON body into a list of values."""
-    if fmt == "ndjson":
-        values: list[Any] = []
-        for lineno, line in enumerate(body.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                values.append(orjson.loads(line))
-            except orjson.JSONDecodeError as exc:
-                raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
-        if not values:
-            raise _invalid(0, "the body holds no records")
-        return values
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise IngestError(400, "invalid_json", str(exc)) from None
-    if type(doc) is dict:
-        return [doc]
-    if type(doc) is list:
-        if not doc:
-            raise _invalid(0, "the array holds no records")
-        return doc
-    raise _invalid(0, f"the body must be a JSON object or an array of objects, not {_json_type(doc)}")
-
-
-def _json_type(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-             bool: "a boolean", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], int]:
-    """Validate every record (all or nothing), add missing `ts`, return plaintexts and their size."""
-    for index, record in enumerate(values):
-        if type(record) is not dict:
-            raise _invalid(index, f"a record must be a JSON object, not {_json_type(record)}")
-        node_id = record.get("node_id")
-        if type(node_id) is not str:
-            if node_id is None and "node_id" not in record:
-                raise _invalid(index, "node_id is missing")
-            raise _invalid(index, f"node_id must be a string, not {_json_type(node_id)}")
-        if not 0 < len(node_id) <= MAX_NODE_ID_CHARS:
-            raise _invalid(index, f"node_id must be 1 to {MAX_NODE_ID_CHARS} characters, not {len(node_id)}")
-        ts = record.get("ts", _MISSING)
-        if ts is _MISSING:
-            record["ts"] = received_at
-        elif type(ts) is not float and type(ts) is not int:
-            raise _invalid(index, f"ts must be a number (Unix seconds), not {_json_type(ts)}")
-    dumps = orjson.dumps
-    try:
-        # orjson returns each result in an oversized allocation (about 4 KiB for a 150-byte
-        # record) that it never shrinks: copying to an exact-size bytes keeps a full buffer at
-        # ~20 MiB instead of ~400 MiB, and is faster too (the big block is reused at once).
-        plaintexts = [bytes(memoryview(dumps(r))) for r in values]
-    except orjson.JSONEncodeError:
-        # orjson parses deeper nesting than it will serialise: name the record, no 500.
-        for index, record in enumerate(values):
-            try:
-                dumps(record)
-            except orjson.JSONEncodeError as exc:
-                raise _invalid(index, f"the record cannot be stored: {exc}") from None
-        raise
-    return plaintexts, sum(map(len, plaintexts))
 
 
 @dataclass
@@ -157,13 +37,6 @@ class IngestStats:
     bytes_received: int = 0
 
 
-def check_permissions(values: list[Any], principal: Principal) -> None:
-    """403 naming the first record whose node_id the token may not write."""
-    for index, record in enumerate(values):
-        if not principal.may_write(record["node_id"]):
-            raise IngestError(403, "forbidden", f"this token may not write node_id {record['node_id']!r}",
-                              index=index)
-
 
 class TelemetryService:
     """Admits requests (rate limit), stores their records in the buffer, runs the writer."""
@@ -175,11 +48,13 @@ class TelemetryService:
         writer: SegmentWriter,
         wall_clock: Callable[[], float] = time.time,
         durable: bool = False,
+        high_water_percent: int = 90,
     ) -> None:
         self.rate_limiter = rate_limiter
         self.buffer = buffer
         self.writer = writer
         self.durable = durable
+        self.high_water_percent = high_water_percent
         self.closing = False
         self.stats = IngestStats()
         self._wall_clock = wall_clock
@@ -202,13 +77,13 @@ class TelemetryService:
             raise shutting_down()
         if self.buffer.above(100):
             # Full already: answer before spending CPU on parsing (the writer needs it).
-            raise _buffer_full()
+            raise buffer_full()
         stats = self.writer.stats
         if stats.last_error is not None and (not self.durable or time.monotonic() < stats.retry_at):
             # Refuse new records while the disk refuses ours. Buffered: the writer keeps
             # retrying what it holds. Durable: it holds nothing, so after the back-off the
             # next request is let through to probe the disk.
-            raise _storage_error(stats.last_errno, stats.last_error)
+            raise storage_error(stats.last_errno, stats.last_error)
         received_at = self._wall_clock()
         node_key = principal.key if principal is not None else client_key
         try:
@@ -216,7 +91,7 @@ class TelemetryService:
         except RateLimited as exc:
             which = "per-node" if exc.per_node else "global"
             raise IngestError(429, "rate_limited", f"the {which} rate limit is exceeded",
-                              retry_after=exc.retry_after_header) from None
+                              retry_after_s=exc.retry_after) from None
         if wait > 0.0:
             await asyncio.sleep(wait)
         values = parse_body(body, fmt)
@@ -226,17 +101,17 @@ class TelemetryService:
         try:
             ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable)
         except BufferFull:
-            raise _buffer_full() from None
+            raise buffer_full() from None
         except BufferClosed:
             raise shutting_down() from None
         if ack is not None:
             try:
                 await ack
             except OSError as exc:
-                raise _storage_error(exc.errno, f"{exc.__class__.__name__}: {exc.strerror or exc}") from None
+                raise storage_error(exc.errno, f"{exc.__class__.__name__}: {exc.strerror or exc}") from None
             except Exception as exc:  # the writer died: nothing of this request is stored
                 raise IngestError(503, "write_failed", f"the writer stopped ({exc})",
-                                  retry_after=WRITE_FAILED_RETRY_AFTER) from None
+                                  retry_after_s=WRITE_FAILED_RETRY_S) from None
         return len(plaintexts)
 
     @classmethod
@@ -258,7 +133,74 @@ class TelemetryService:
             BufferManager(config.buffer.max_records, config.buffer.max_bytes, whole_requests=durable),
             writer,
             durable=durable,
+            high_water_percent=config.buffer.high_water_percent,
         )
+
+    # -- what the adapter asks --
+
+    def count_response(self, status: int, error: str | None = None) -> None:
+        """Count one answered request (and, for a refusal, its reason) for /metrics."""
+        stats = self.stats
+        stats.requests_by_status[status] = stats.requests_by_status.get(status, 0) + 1
+        if error is not None:
+            stats.rejected_by_reason[error] = stats.rejected_by_reason.get(error, 0) + 1
+
+    def count_timeout(self) -> None:
+        """A request whose body did not arrive in time was answered 408 by the transport."""
+        self.count_response(408, "request_timeout")
+
+    def health(self) -> dict[str, Any]:
+        """Liveness: `status` is "ok" while the writer task runs."""
+        wstats = self.writer.stats
+        return {
+            "status": "ok" if self.writer_alive else "writer_stopped",
+            "implementation": IMPLEMENTATION,
+            "buffer_records": self.buffer.records,
+            "records_written": wstats.records,
+            "last_write_error": wstats.last_error,
+        }
+
+    def readiness(self) -> list[str]:
+        """Why the server should not get traffic now; [] means ready."""
+        reasons = []
+        if not self.writer_alive:
+            reasons.append("the writer is not running")
+        if self.closing:
+            reasons.append("shutting down")
+        if self.writer.stats.last_error is not None:
+            reasons.append(f"the last write failed: {self.writer.stats.last_error}")
+        if self.buffer.above(self.high_water_percent):
+            reasons.append(f"the buffer is above {self.high_water_percent}% of its bounds")
+        return reasons
+
+    def metrics_snapshot(self) -> Snapshot:
+        """Counters and gauges for one /metrics scrape."""
+        segments = 0
+        segment_bytes = 0
+        for path in list_segments(self.writer.directory):
+            try:
+                segment_bytes += path.stat().st_size
+            except FileNotFoundError:  # deleted by retention meanwhile
+                continue
+            segments += 1
+        stats, wstats = self.stats, self.writer.stats
+        return Snapshot(
+            implementation=IMPLEMENTATION,
+            requests_by_status=dict(stats.requests_by_status),
+            rejected_by_reason=dict(stats.rejected_by_reason),
+            records_accepted=stats.records_accepted,
+            bytes_received=stats.bytes_received,
+            buffer_records=self.buffer.records,
+            buffer_bytes=self.buffer.bytes,
+            records_written=wstats.records,
+            write_errors=wstats.write_errors,
+            segments=segments,
+            segment_bytes=segment_bytes,
+            segments_deleted=wstats.segments_deleted,
+            gauges={"rate_limit_node_buckets": self.rate_limiter.node_buckets},
+        )
+
+    # -- lifecycle --
 
     @property
     def writer_alive(self) -> bool:

@@ -1,31 +1,25 @@
-"""Pick the compiled `_speedups` extension when importable, else its pure-Python twin.
-
-Set TELEMETRY_SINK_NO_EXTENSIONS=1 to force the twin.
+"""The hot path's implementation: the compiled `_speedups` extension when it is importable, else
+its pure-Python twin `_speedups_py` (same behaviour, slower). `TELEMETRY_SINK_NO_EXTENSIONS=1`
+forces the twin. The interface both satisfy is described once, in `_protocols.py`.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from types import ModuleType
 
 from ._protocols import BatchFramerProtocol, TokenBucketProtocol
 
 NO_EXTENSIONS = bool(os.environ.get("TELEMETRY_SINK_NO_EXTENSIONS"))
 
+try:
+    if NO_EXTENSIONS:
+        raise ImportError("TELEMETRY_SINK_NO_EXTENSIONS is set")
+    from ._speedups import IMPLEMENTATION, BatchFramer, TokenBucket
+except ImportError:  # not compiled: the twin behaves the same, only slower
+    from ._speedups_py import IMPLEMENTATION, BatchFramer, TokenBucket  # type: ignore[assignment]
 
-def _load() -> ModuleType:
-    if not NO_EXTENSIONS:
-        try:
-            return importlib.import_module("telemetry_sink._speedups")
-        except ImportError:  # not compiled: the twin behaves the same, only slower
-            pass
-    return importlib.import_module("telemetry_sink._speedups_py")
-
-
-_impl = _load()
-IMPLEMENTATION: str = _impl.IMPLEMENTATION
-TokenBucket: type[TokenBucketProtocol] = _impl.TokenBucket
-BatchFramer: type[BatchFramerProtocol] = _impl.BatchFramer
+# Both implementations must satisfy the one interface (checked by mypy, here and in the twin).
+_framer: type[BatchFramerProtocol] = BatchFramer
+_bucket: type[TokenBucketProtocol] = TokenBucket
 
 __all__ = ["IMPLEMENTATION", "NO_EXTENSIONS", "BatchFramer", "TokenBucket"]

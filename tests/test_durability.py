@@ -253,7 +253,7 @@ async def test_stalled_disk_fills_the_buffer_then_drains(tmp_path: Path, key_fil
 
 
 def test_write_error_other_than_disk_full_is_503() -> None:
-    from telemetry_sink.service import _storage_error
+    from telemetry_sink.errors import storage_error as _storage_error
 
     assert _storage_error(errno.EIO, "EIO").status == 503
     assert _storage_error(errno.ENOSPC, "full").status == 507

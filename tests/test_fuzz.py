@@ -31,7 +31,8 @@ from schemathesis.specs.openapi.checks import (
 
 from telemetry_sink import segment_format
 from telemetry_sink.crypto import CryptoService, generate_key
-from telemetry_sink.service import IngestError, encode_records, parse_body
+from telemetry_sink.errors import IngestError
+from telemetry_sink.records import encode_records, parse_body
 
 # -- (a) schemathesis: the HTTP contract against a real server --
 

@@ -18,8 +18,8 @@ import orjson
 import pytest
 from conftest import ServerProcess, run_cli, shared_server
 
-from telemetry_sink.http_server import gunzip_bounded
-from telemetry_sink.service import IngestError
+from telemetry_sink.errors import IngestError
+from telemetry_sink.ingest_http import gunzip_bounded
 
 MIB = 1 << 20
 BOMB = gzip.compress(b"\0" * (50 * MIB), compresslevel=9)  # ~50 KB on the wire

@@ -13,6 +13,7 @@ import pytest
 from conftest import ServerProcess
 
 from telemetry_sink.auth import hash_token
+from telemetry_sink.ingest_http import retry_after_header
 from telemetry_sink.rate_limiter import RateLimited, RateLimiter
 
 StartServer = Callable[..., ServerProcess]
@@ -45,7 +46,7 @@ def test_per_node_bucket_limits_one_key_while_another_passes() -> None:
         rl.admit(100, "a")
     assert info.value.per_node is True
     assert info.value.retry_after == pytest.approx(1.0)  # 100 bytes at 100 B/s
-    assert info.value.retry_after_header == "1"
+    assert retry_after_header(info.value.retry_after) == b"1"
     assert rl.admit(1000, "b") == 0.0  # b has its own full bucket
     clock.now += 1.0
     assert rl.admit(100, "a") == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from telemetry_sink.ingest_http import retry_after_header
 from telemetry_sink.rate_limiter import RateLimited, RateLimiter
 
 
@@ -29,7 +30,7 @@ def test_reject_mode_burst_then_429_then_refill() -> None:
     with pytest.raises(RateLimited) as info:
         limiter.admit(1000)
     assert info.value.retry_after == pytest.approx(1.0)
-    assert info.value.retry_after_header == "1"
+    assert retry_after_header(info.value.retry_after) == b"1"
     clock.now += 0.5  # 500 tokens back: not enough for 1000
     with pytest.raises(RateLimited) as info:
         limiter.admit(1000)
@@ -55,7 +56,7 @@ def test_retry_after_header_rounds_up_whole_seconds() -> None:
     with pytest.raises(RateLimited) as info:
         limiter.admit(250)
     assert info.value.retry_after == pytest.approx(2.5)
-    assert info.value.retry_after_header == "3"
+    assert retry_after_header(info.value.retry_after) == b"3"
 
 
 def test_refill_is_capped_at_burst() -> None:

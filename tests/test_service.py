@@ -11,9 +11,12 @@ import pytest
 
 from telemetry_sink.buffer import BufferManager
 from telemetry_sink.crypto import CryptoService, generate_key
+from telemetry_sink.errors import IngestError
+from telemetry_sink.ingest_http import retry_after_header
 from telemetry_sink.rate_limiter import RateLimiter
+from telemetry_sink.records import encode_records, parse_body
 from telemetry_sink.segment_writer import SegmentWriter
-from telemetry_sink.service import IngestError, TelemetryService, encode_records, parse_body
+from telemetry_sink.service import TelemetryService
 
 NOW = 1_800_000_000.5
 
@@ -105,7 +108,8 @@ async def test_ingest_rate_limited_429_with_retry_after(tmp_path: Path) -> None:
     assert await service.ingest(body, "json") == 1
     with pytest.raises(IngestError) as info:
         await service.ingest(body, "json")
-    assert (info.value.status, info.value.error, info.value.retry_after) == (429, "rate_limited", "2")
+    assert (info.value.status, info.value.error) == (429, "rate_limited")
+    assert retry_after_header(info.value.retry_after_s or 0) == b"2"
 
 
 async def test_ingest_buffer_full_503(tmp_path: Path) -> None:
@@ -113,7 +117,7 @@ async def test_ingest_buffer_full_503(tmp_path: Path) -> None:
     await service.ingest(b'[{"node_id":"a"},{"node_id":"b"}]', "json")
     with pytest.raises(IngestError) as info:
         await service.ingest(b'[{"node_id":"a"},{"node_id":"b"}]', "json")
-    assert (info.value.status, info.value.error, info.value.retry_after) == (503, "buffer_full", "1")
+    assert (info.value.status, info.value.error, info.value.retry_after_s) == (503, "buffer_full", 1.0)
 
 
 async def test_a_full_buffer_refuses_before_parsing(tmp_path: Path) -> None:

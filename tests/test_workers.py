@@ -4,12 +4,14 @@ the global rate limit evenly; a graceful stop drains every one of them."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
-from conftest import ServerProcess, run_cli
+from conftest import ServerProcess, run_cli, wait_for
 
 from telemetry_sink import segment_format
 
@@ -62,3 +64,45 @@ def test_burst_share_smaller_than_max_body_is_refused_at_start_up(start_server: 
                            "rate_limit": {"burst_bytes": 20000}}, wait=False)
     assert server.wait() == 2
     assert "[ingest] max_body_bytes: 10000 exceeds [rate_limit] burst_bytes 20000 / 4 workers = 5000" in server.log()
+
+
+def test_sigterm_with_two_workers_refuses_new_records_and_finishes_in_flight_ones(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path) -> None:
+    # The early 503 on SIGTERM is the app's lifespan, in each worker: a request whose body is
+    # still arriving when the signal comes is refused (503 shutting_down) instead of being
+    # acknowledged after the drain began; what was accepted before is on disk.
+    server = start_server({"server": {"workers": 2}, "rate_limit": {"bytes_per_second": 0}})
+    assert server.post(b'{"node_id": "early"}').status_code == 202
+    headers_sent = threading.Event()
+    release = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def slow_body() -> Iterator[bytes]:
+        yield b'{"node_id": "late",'
+        headers_sent.set()  # asked for the next chunk: the head and the first chunk are out
+        release.wait(10)
+        yield b' "i": 1}'
+
+    def post() -> None:
+        try:
+            outcome["response"] = httpx.post(server.url + "/telemetry", content=slow_body(),
+                                             headers={"content-type": "application/json"}, timeout=20.0)
+        except httpx.HTTPError as exc:  # pragma: no cover - reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    try:
+        assert headers_sent.wait(10)
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: server.log().count("Shutting down") >= 2, what="both workers to begin their shutdown")
+    finally:
+        release.set()
+        thread.join(20)
+    assert "error" not in outcome, outcome.get("error")
+    response = outcome["response"]
+    assert response.status_code == 503 and response.json()["error"] == "shutting_down", response.text
+    assert server.wait() in (0, -signal.SIGTERM)
+    assert server.log().count("shutdown complete:") == 2
+    read = run_cli("read", "--key-file", str(key_file), str(tmp_path / "data"))
+    assert [orjson.loads(line)["node_id"] for line in read.stdout.splitlines()] == ["early"]

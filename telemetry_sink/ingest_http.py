@@ -1,0 +1,177 @@
+"""The POST /telemetry handler as a lean ASGI app: headers, auth, a bounded body read, gzip
+decoding, the service call, and the reply (the only place Retry-After is formatted)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from .auth import TokenTable
+from .errors import IngestError, shutting_down
+from .service import TelemetryService
+
+log = logging.getLogger("telemetry_sink.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MEDIA_TYPES = {
+    b"application/json": "json",
+    b"application/x-ndjson": "ndjson",
+    b"application/ndjson": "ndjson",
+}
+ENCODINGS = (b"identity", b"gzip", b"x-gzip")
+_MEDIA_TYPE_DETAIL = "Content-Type must be application/json or application/x-ndjson"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+# Statuses after which the rest of the request body may still be in flight: close the
+# connection rather than keep reading (or trusting) it.
+_CLOSE_AFTER = frozenset((401, 408, 413))
+
+
+def _error(status: int, error: str, detail: str) -> IngestError:
+    return IngestError(status, error, detail)
+
+
+def retry_after_header(seconds: float) -> bytes:
+    """The Retry-After value for a delay: whole seconds, rounded up, at least 1."""
+    if math.isinf(seconds):  # larger than the bucket: config validation prevents it
+        return b"3600"
+    return b"%d" % max(1, math.ceil(seconds))
+
+
+def _unauthorized() -> IngestError:
+    exc = IngestError(401, "unauthorized", "a valid `Authorization: Bearer <token>` header is required")
+    exc.headers = [(b"www-authenticate", b'Bearer realm="telemetry-sink"')]
+    return exc
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress a gzip body, doing at most `limit` + 1 bytes of output work (413 past it)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise _error(400, "invalid_encoding", f"the gzip body does not decompress: {exc}") from None
+    if len(out) > limit:
+        raise _error(413, "payload_too_large", f"the decompressed body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise _error(400, "invalid_encoding", "the gzip body is truncated")
+    if inflater.unused_data.strip(b"\0"):
+        raise _error(400, "invalid_encoding", "unexpected bytes after the gzip stream")
+    return out
+
+
+class IngestHandler:
+    """The POST /telemetry ASGI handler: headers, auth, bounded body read, service call, reply."""
+
+    def __init__(
+        self,
+        service: TelemetryService,
+        max_body_bytes: int,
+        tokens: TokenTable | None = None,
+    ) -> None:
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = self.service
+        try:
+            accepted = await self._handle(scope, receive)
+        except IngestError as exc:
+            headers = list(_JSON_HEADERS)
+            if exc.retry_after_s is not None:
+                headers.append((b"retry-after", retry_after_header(exc.retry_after_s)))
+            if exc.headers:
+                headers.extend(exc.headers)
+            if exc.status in _CLOSE_AFTER:
+                headers.append((b"connection", b"close"))
+            service.count_response(exc.status, exc.error)
+            await _reply(send, exc.status, orjson.dumps(exc.body()), headers)
+        except _Disconnected:
+            return  # the client went away, or the guard answered 408 (and counted it)
+        except Exception:
+            log.exception("unexpected error while ingesting")
+            service.count_response(500, "internal_error")
+            await _reply(send, 500, b'{"error":"internal_error","detail":"see the server log"}', _JSON_HEADERS)
+        else:
+            service.stats.records_accepted += accepted
+            service.count_response(202)
+            await _reply(send, 202, b'{"accepted":%d}' % accepted, _JSON_HEADERS)
+
+    async def _handle(self, scope: Scope, receive: Receive) -> int:
+        fmt: str | None = None
+        length: int | None = None
+        encoding = b"identity"
+        authorization: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                fmt = MEDIA_TYPES.get(value.split(b";", 1)[0].strip().lower())
+                if fmt is None:
+                    raise _error(415, "unsupported_media_type", _MEDIA_TYPE_DETAIL)
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise _error(400, "invalid_request", "Content-Length is not a number") from None
+            elif name == b"content-encoding":
+                encoding = value.strip().lower()
+            elif name == b"authorization":
+                authorization = value
+        principal = None
+        if self.tokens is not None:
+            principal = self.tokens.authenticate(authorization)
+            if principal is None:
+                raise _unauthorized()
+        if fmt is None:
+            raise _error(415, "unsupported_media_type", _MEDIA_TYPE_DETAIL)
+        if encoding not in ENCODINGS:
+            raise _error(415, "unsupported_media_type",
+                         f"Content-Encoding {encoding.decode('latin-1')!r} is not supported (use gzip or none)")
+        if self.service.closing:  # before reading a body that would be refused anyway
+            raise shutting_down()
+        limit = self.max_body_bytes
+        if length is not None and length > limit:
+            raise _error(413, "payload_too_large", f"the body is {length} bytes; the limit is {limit}")
+        # No timer here: GuardedHttpToolsProtocol enforces body_timeout_s (408) for the server.
+        wire = await _read_body(receive, limit)
+        self.service.stats.bytes_received += len(wire)
+        body = wire if encoding == b"identity" else gunzip_bounded(wire, limit)
+        client = scope.get("client")
+        return await self.service.ingest(body, fmt, len(wire), principal, client[0] if client else None)
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """Read the whole body, never holding more than `limit` bytes (413 past it).
+    The usual single-message body is returned as is, without a copy."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk: bytes = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise _error(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

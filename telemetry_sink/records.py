@@ -1,0 +1,93 @@
+"""Records of one request: decode a JSON / NDJSON body, validate every record (all or nothing),
+add the receive time as `ts` where missing, serialise the plaintexts the writer encrypts, and
+check a token's right to write each record's node_id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .auth import Principal
+from .errors import IngestError
+from .errors import invalid_record as _invalid
+
+MAX_NODE_ID_CHARS = 128
+_MISSING = object()
+
+
+def parse_body(body: bytes, fmt: str) -> list[Any]:
+    """Decode a JSON (object or array of objects) or NDJSON body into a list of values."""
+    if fmt == "ndjson":
+        values: list[Any] = []
+        for lineno, line in enumerate(body.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                values.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
+        if not values:
+            raise _invalid(0, "the body holds no records")
+        return values
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise IngestError(400, "invalid_json", str(exc)) from None
+    if type(doc) is dict:
+        return [doc]
+    if type(doc) is list:
+        if not doc:
+            raise _invalid(0, "the array holds no records")
+        return doc
+    raise _invalid(0, f"the body must be a JSON object or an array of objects, not {_json_type(doc)}")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+             bool: "a boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], int]:
+    """Validate every record (all or nothing), add missing `ts`, return plaintexts and their size."""
+    for index, record in enumerate(values):
+        if type(record) is not dict:
+            raise _invalid(index, f"a record must be a JSON object, not {_json_type(record)}")
+        node_id = record.get("node_id")
+        if type(node_id) is not str:
+            if node_id is None and "node_id" not in record:
+                raise _invalid(index, "node_id is missing")
+            raise _invalid(index, f"node_id must be a string, not {_json_type(node_id)}")
+        if not 0 < len(node_id) <= MAX_NODE_ID_CHARS:
+            raise _invalid(index, f"node_id must be 1 to {MAX_NODE_ID_CHARS} characters, not {len(node_id)}")
+        ts = record.get("ts", _MISSING)
+        if ts is _MISSING:
+            record["ts"] = received_at
+        elif type(ts) is not float and type(ts) is not int:
+            raise _invalid(index, f"ts must be a number (Unix seconds), not {_json_type(ts)}")
+    dumps = orjson.dumps
+    try:
+        # orjson returns each result in an oversized allocation (about 4 KiB for a 150-byte
+        # record) that it never shrinks: copying to an exact-size bytes keeps a full buffer at
+        # ~20 MiB instead of ~400 MiB, and is faster too (the big block is reused at once).
+        plaintexts = [bytes(memoryview(dumps(r))) for r in values]
+    except orjson.JSONEncodeError:
+        # orjson parses deeper nesting than it will serialise: name the record, no 500.
+        for index, record in enumerate(values):
+            try:
+                dumps(record)
+            except orjson.JSONEncodeError as exc:
+                raise _invalid(index, f"the record cannot be stored: {exc}") from None
+        raise
+    return plaintexts, sum(map(len, plaintexts))
+
+
+def check_permissions(values: list[Any], principal: Principal) -> None:
+    """403 naming the first record whose node_id the token may not write."""
+    for index, record in enumerate(values):
+        if not principal.may_write(record["node_id"]):
+            raise IngestError(403, "forbidden", f"this token may not write node_id {record['node_id']!r}",
+                              index=index)
+
+
