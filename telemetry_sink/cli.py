@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -52,11 +52,7 @@ def _load(arg: str | None) -> Config:
 
 def _effective_config(config: Config) -> dict[str, Any]:
     """The configuration as logged at start-up: paths only, never key material (there is none in it)."""
-    out: dict[str, Any] = {}
-    for section in ("server", "ingest", "rate_limit", "buffer", "writer", "crypto", "auth"):
-        out[section] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(getattr(config, section)).items()}
-    out["source"] = str(config.source) if config.source else None
-    return out
+    return config.as_dict()
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
