@@ -105,6 +105,9 @@ def section(cls: type[_T]) -> type[_T]:
     return dataclass(frozen=True, slots=True)(cls)
 
 
+_TLS_PAIR_DOC = "PEM certificate chain and private key: serve HTTPS"  # one docs row for both keys
+
+
 @section
 class ServerConfig:
     host: str = key(_text, "127.0.0.1", "address to listen on")
@@ -120,10 +123,8 @@ class ServerConfig:
     body_timeout_s: int = key(_positive_int, "30", "the body must arrive within this, else 408 and the "
                               "connection is closed")
     keep_alive_s: int = key(_positive_int, "5", "an idle keep-alive connection is closed after this")
-    tls_certfile: Path | None = key(_text, "", "PEM certificate chain and private key: serve HTTPS",
-                                    path=True, optional=True)
-    tls_keyfile: Path | None = key(_text, "", "PEM certificate chain and private key: serve HTTPS",
-                                   path=True, optional=True)
+    tls_certfile: Path | None = key(_text, "", _TLS_PAIR_DOC, path=True, optional=True)
+    tls_keyfile: Path | None = key(_text, "", _TLS_PAIR_DOC, path=True, optional=True)
     tls_client_ca: Path | None = key(_text, "", "PEM CA bundle: require client certificates signed by it "
                                      "(mutual TLS)", path=True, optional=True)
 
