@@ -1,7 +1,13 @@
-"""Configuration: an INI file plus TELEMETRY_SINK_<SECTION>_<KEY> environment overrides.
+"""Configuration: every key declared once, read from an INI file plus TELEMETRY_SINK_<SECTION>_<KEY> overrides.
 
-Every key, its type and its default live in `SCHEMA`; docs/configuration.md lists the same.
-Errors are one line naming the section, the key and what is wrong.
+Each section is a frozen dataclass below and each key one field of it, declared with `key(parser, "default", doc)`
+(the default as written in config.ini; `path=True` resolves it against the config file's directory,
+`optional=True` makes an empty value None, `choices=` lists the allowed values). Parsing, environment overrides,
+path resolution, the one-line errors and the docs check all read these declarations.
+
+To add a key: add one field to its section's dataclass, then its row in docs/configuration.md (the same default
+and doc) and its line in config.ini; tests/test_config.py checks all three agree. A new section is one more
+dataclass plus one field of `Config`.
 """
 
 from __future__ import annotations
@@ -9,12 +15,17 @@ from __future__ import annotations
 import configparser
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform, get_type_hints
 
 ENV_PREFIX = "TELEMETRY_SINK_"
 DEFAULT_CONFIG_PATH = Path("config.ini")
+
+# Allowed values, declared once; the modules that act on them import these.
+ACK_MODES = ("buffered", "durable")
+RATE_LIMIT_MODES = ("reject", "delay")
+FSYNC_POLICIES = ("batch", "interval", "never")
 
 
 class ConfigError(ValueError):
@@ -42,20 +53,6 @@ def _port(raw: str) -> int:
     return value
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return value
-
-    return parse
-
-
-def _optional_text(raw: str) -> str:
-    return raw.strip()
-
-
 def _percent(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 100:
@@ -70,124 +67,133 @@ def _text(raw: str) -> str:
     return value
 
 
-# section -> key -> (parser, default as written in config.ini)
-SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
-    "server": {
-        "host": (_text, "127.0.0.1"),
-        "port": (_port, "8080"),
-        "workers": (_positive_int, "1"),
-        "shutdown_timeout_s": (_positive_int, "30"),
-        "max_connections": (_positive_int, "1024"),
-        "header_timeout_s": (_positive_int, "10"),
-        "body_timeout_s": (_positive_int, "30"),
-        "keep_alive_s": (_positive_int, "5"),
-        "tls_certfile": (_optional_text, ""),
-        "tls_keyfile": (_optional_text, ""),
-        "tls_client_ca": (_optional_text, ""),
-    },
-    "ingest": {
-        "max_body_bytes": (_positive_int, "1048576"),
-        "ack": (_choice("buffered", "durable"), "buffered"),
-    },
-    "rate_limit": {
-        "bytes_per_second": (_non_negative_int, "33554432"),
-        "burst_bytes": (_positive_int, "8388608"),
-        "mode": (_choice("reject", "delay"), "reject"),
-        "max_delay_ms": (_non_negative_int, "1000"),
-        "per_node_bytes_per_second": (_non_negative_int, "0"),
-        "per_node_burst_bytes": (_positive_int, "2097152"),
-        "per_node_max_buckets": (_positive_int, "10000"),
-    },
-    "buffer": {
-        "max_records": (_positive_int, "100000"),
-        "max_bytes": (_positive_int, "33554432"),
-        "high_water_percent": (_percent, "90"),
-    },
-    "writer": {
-        "directory": (_text, "./data"),
-        "batch_size": (_positive_int, "1000"),
-        "flush_interval_ms": (_positive_int, "200"),
-        "fsync": (_choice("batch", "interval", "never"), "interval"),
-        "fsync_interval_ms": (_positive_int, "1000"),
-        "max_segment_bytes": (_positive_int, "134217728"),
-        "max_segment_age_s": (_non_negative_int, "3600"),
-        "retention_bytes": (_non_negative_int, "0"),
-        "retention_days": (_non_negative_int, "0"),
-    },
-    "crypto": {
-        "key_file": (_text, "./dev.key"),
-    },
-    "auth": {
-        "tokens_file": (_optional_text, ""),
-    },
-}
-
-
 @dataclass(frozen=True, slots=True)
+class Key:
+    """How one key is read: its parser, its default as written in config.ini, and its doc line."""
+
+    parse: Callable[[str], Any]
+    default: str
+    doc: str
+    path: bool = False  # relative to the config file's directory (the working directory without one)
+    optional: bool = False  # empty means None
+    choices: tuple[str, ...] = ()  # compared after strip() and lower()
+
+    def convert(self, raw: str, base: Path) -> Any:
+        """The typed value of `raw`; ValueError says what is wrong."""
+        if self.optional and not raw.strip():
+            return None
+        if self.choices:
+            raw = raw.strip().lower()
+            if raw not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}")
+        value = self.parse(raw)
+        return base / value if self.path else value
+
+
+def key(parse: Callable[[str], Any], default_text: str, doc: str, *, path: bool = False, optional: bool = False,
+        choices: tuple[str, ...] = ()) -> Any:
+    """Declare one config key as a section dataclass field (no dataclass default: load_config fills every field)."""
+    return field(metadata={"key": Key(parse, default_text, doc, path, optional, choices)})
+
+
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(key,))
+def section(cls: type[_T]) -> type[_T]:
+    """Make `cls` a config section: a frozen dataclass whose fields are declared with `key()`."""
+    return dataclass(frozen=True, slots=True)(cls)
+
+
+_TLS_PAIR_DOC = "PEM certificate chain and private key: serve HTTPS"  # one docs row for both keys
+
+
+@section
 class ServerConfig:
-    host: str
-    port: int
-    workers: int
-    shutdown_timeout_s: int
-    max_connections: int
-    header_timeout_s: int
-    body_timeout_s: int
-    keep_alive_s: int
-    tls_certfile: Path | None
-    tls_keyfile: Path | None
-    tls_client_ca: Path | None
+    host: str = key(_text, "127.0.0.1", "address to listen on")
+    port: int = key(_port, "8080", "TCP port")
+    workers: int = key(_positive_int, "1", "worker processes; each has its own writer and segment series "
+                       "(`w0`, `w1`, …); the global rate limit and `retention_bytes` are split evenly between them")
+    shutdown_timeout_s: int = key(_positive_int, "30", "on SIGTERM/SIGINT: how long to wait for in-flight "
+                                  "requests, and then for the buffer to drain to disk")
+    max_connections: int = key(_positive_int, "1024", "open connections beyond this are closed as soon as they "
+                               "are accepted")
+    header_timeout_s: int = key(_positive_int, "10", "a request head (request line and headers) must arrive "
+                                "within this; a silent or trickling client is disconnected")
+    body_timeout_s: int = key(_positive_int, "30", "the body must arrive within this, else 408 and the "
+                              "connection is closed")
+    keep_alive_s: int = key(_positive_int, "5", "an idle keep-alive connection is closed after this")
+    tls_certfile: Path | None = key(_text, "", _TLS_PAIR_DOC, path=True, optional=True)
+    tls_keyfile: Path | None = key(_text, "", _TLS_PAIR_DOC, path=True, optional=True)
+    tls_client_ca: Path | None = key(_text, "", "PEM CA bundle: require client certificates signed by it "
+                                     "(mutual TLS)", path=True, optional=True)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class IngestConfig:
-    max_body_bytes: int
-    ack: str
+    max_body_bytes: int = key(_positive_int, "1048576", "largest request body; larger: 413")
+    ack: str = key(str, "buffered", "`buffered`: 202 once the records are in the memory buffer; `durable`: 202 "
+                   "only after they are written and fsynced (see the README's guarantees)", choices=ACK_MODES)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class RateLimitConfig:
-    bytes_per_second: int
-    burst_bytes: int
-    mode: str
-    max_delay_ms: int
-    per_node_bytes_per_second: int
-    per_node_burst_bytes: int
-    per_node_max_buckets: int
+    bytes_per_second: int = key(_non_negative_int, "33554432", "global refill rate over request body bytes; "
+                                "`0` disables the limit")
+    burst_bytes: int = key(_positive_int, "8388608", "bucket capacity")
+    mode: str = key(str, "reject", "`reject`: 429 at once; `delay`: wait up to `max_delay_ms`, then 429",
+                    choices=RATE_LIMIT_MODES)
+    max_delay_ms: int = key(_non_negative_int, "1000", "longest wait in `delay` mode")
+    per_node_bytes_per_second: int = key(_non_negative_int, "0", "per-client limit on top of the global one "
+                                         "(`0`: off), keyed by the bearer token when `[auth]` is on, else by the "
+                                         "client address")
+    per_node_burst_bytes: int = key(_positive_int, "2097152", "per-client bucket capacity")
+    per_node_max_buckets: int = key(_positive_int, "10000", "at most this many per-client buckets are kept; the "
+                                    "least recently used is evicted (so a flood of distinct clients cannot grow "
+                                    "memory; an evicted client starts again with a full bucket)")
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class BufferConfig:
-    max_records: int
-    max_bytes: int
-    high_water_percent: int
+    max_records: int = key(_positive_int, "100000", "records accepted but not yet written (including the batch "
+                           "being written)")
+    max_bytes: int = key(_positive_int, "33554432", "the same in plaintext bytes")
+    high_water_percent: int = key(_percent, "90", "`/readyz` answers 503 once the buffer is this full")
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class WriterConfig:
-    directory: Path
-    batch_size: int
-    flush_interval_ms: int
-    fsync: str
-    fsync_interval_ms: int
-    max_segment_bytes: int
-    max_segment_age_s: int
-    retention_bytes: int
-    retention_days: int
+    directory: Path = key(_text, "./data", "log directory (created if missing)", path=True)
+    batch_size: int = key(_positive_int, "1000", "write a batch when this many records wait …")
+    flush_interval_ms: int = key(_positive_int, "200", "… or when the oldest waiting record has waited this long")
+    fsync: str = key(str, "interval", "`batch`: fsync after every batch; `interval`: at most once per "
+                     "`fsync_interval_ms` (and an idle tail is fsynced within it); `never`: leave it to the OS "
+                     "(sealing a segment and shutting down always fsync)", choices=FSYNC_POLICIES)
+    fsync_interval_ms: int = key(_positive_int, "1000", "see `fsync`")
+    max_segment_bytes: int = key(_positive_int, "134217728", "seal the segment and start a new one once it passes "
+                                 "this size")
+    max_segment_age_s: int = key(_non_negative_int, "3600", "also seal it once its first batch is this old, even "
+                                 "if idle (`0`: no age limit)")
+    retention_bytes: int = key(_non_negative_int, "0", "delete the oldest sealed segments while the log is larger "
+                               "than this (`0`: unlimited); with several workers each series keeps an equal share")
+    retention_days: int = key(_non_negative_int, "0", "delete sealed segments last written more than this many "
+                              "days ago (`0`: keep)")
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class CryptoConfig:
-    key_file: Path
+    key_file: Path = key(_text, "./dev.key", "one Fernet key a line; the first encrypts, all decrypt", path=True)
 
 
-@dataclass(frozen=True, slots=True)
+@section
 class AuthConfig:
-    tokens_file: Path | None
+    tokens_file: Path | None = key(_text, "", "`NODE_ID_PATTERN TOKEN_SHA256` lines; when set, POST /telemetry "
+                                   "needs a bearer token (see docs/security.md)", path=True, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The whole, validated configuration; relative paths are already resolved."""
+    """The whole, validated configuration; relative paths are already resolved. Each field but `source` is a section."""
 
     server: ServerConfig
     ingest: IngestConfig
@@ -197,6 +203,23 @@ class Config:
     crypto: CryptoConfig
     auth: AuthConfig
     source: Path | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every section's values (paths as strings) plus `source`: JSON-ready, for the start-up log line."""
+        out: dict[str, Any] = {
+            name: {k: str(v) if isinstance(v, Path) else v for k, v in asdict(getattr(self, name)).items()}
+            for name in SECTIONS
+        }
+        out["source"] = str(self.source) if self.source else None
+        return out
+
+
+# section name (as in config.ini) -> its dataclass, in Config's field order
+SECTIONS: dict[str, type[Any]] = {name: cls for name, cls in get_type_hints(Config).items() if name != "source"}
+# section -> key -> Key, read off the dataclass fields (declaration order is config.ini order)
+SCHEMA: dict[str, dict[str, Key]] = {
+    name: {f.name: f.metadata["key"] for f in fields(cls)} for name, cls in SECTIONS.items()
+}
 
 
 def _read_ini(path: Path) -> dict[str, dict[str, str]]:
@@ -215,53 +238,39 @@ def _read_ini(path: Path) -> dict[str, dict[str, str]]:
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read `path` (if any), apply environment overrides, validate; raise ConfigError."""
     env = os.environ if environ is None else environ
-    raw: dict[str, dict[str, str]] = {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()}
+    raw = {name: {k: spec.default for k, spec in keys.items()} for name, keys in SCHEMA.items()}
     if path is not None:
-        for section, values in _read_ini(path).items():
-            if section not in SCHEMA:
-                raise ConfigError(f"[{section}]: unknown section (known: {', '.join(SCHEMA)})")
-            for key, value in values.items():
-                if key not in SCHEMA[section]:
-                    raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(SCHEMA[section])})")
-                raw[section][key] = value
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "KEY":
+        for name, ini_values in _read_ini(path).items():
+            if name not in SCHEMA:
+                raise ConfigError(f"[{name}]: unknown section (known: {', '.join(SCHEMA)})")
+            for k, value in ini_values.items():
+                if k not in SCHEMA[name]:
+                    raise ConfigError(f"[{name}] {k}: unknown key (known: {', '.join(SCHEMA[name])})")
+                raw[name][k] = value
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "KEY":
             continue
-        rest = name[len(ENV_PREFIX) :].lower()
-        for section in SCHEMA:
-            if rest.startswith(section + "_"):
-                key = rest[len(section) + 1 :]
-                if key not in SCHEMA[section]:
-                    raise ConfigError(f"[{section}] {key}: unknown key, set by environment variable {name}")
-                raw[section][key] = value
+        rest = var[len(ENV_PREFIX) :].lower()
+        for name in sorted(SCHEMA, key=len, reverse=True):  # the longest section name that fits wins
+            if rest.startswith(name + "_"):
+                k = rest[len(name) + 1 :]
+                if k not in SCHEMA[name]:
+                    raise ConfigError(f"[{name}] {k}: unknown key, set by environment variable {var}")
+                raw[name][k] = value
                 break
 
-    parsed: dict[str, dict[str, Any]] = {}
-    for section, keys in SCHEMA.items():
-        parsed[section] = {}
-        for key, (parse, _) in keys.items():
+    base = path.resolve().parent if path is not None else Path.cwd()
+    built: dict[str, Any] = {}
+    for name, keys in SCHEMA.items():
+        values: dict[str, Any] = {}
+        for k, spec in keys.items():
             try:
-                parsed[section][key] = parse(raw[section][key])
+                values[k] = spec.convert(raw[name][k], base)
             except ValueError as exc:
                 reason = str(exc) if "invalid literal" not in str(exc) else "must be an integer"
-                raise ConfigError(f"[{section}] {key}: {reason} (got {raw[section][key]!r})") from None
-
-    base = path.resolve().parent if path is not None else Path.cwd()
-    parsed["writer"]["directory"] = base / parsed["writer"]["directory"]
-    parsed["crypto"]["key_file"] = base / parsed["crypto"]["key_file"]
-    for section, key in (("server", "tls_certfile"), ("server", "tls_keyfile"), ("server", "tls_client_ca"),
-                         ("auth", "tokens_file")):
-        parsed[section][key] = base / parsed[section][key] if parsed[section][key] else None
-    config = Config(
-        server=ServerConfig(**parsed["server"]),
-        ingest=IngestConfig(**parsed["ingest"]),
-        rate_limit=RateLimitConfig(**parsed["rate_limit"]),
-        buffer=BufferConfig(**parsed["buffer"]),
-        writer=WriterConfig(**parsed["writer"]),
-        crypto=CryptoConfig(**parsed["crypto"]),
-        auth=AuthConfig(**parsed["auth"]),
-        source=path,
-    )
+                raise ConfigError(f"[{name}] {k}: {reason} (got {raw[name][k]!r})") from None
+        built[name] = SECTIONS[name](**values)
+    config = Config(**built, source=path)
     _check_combinations(config)
     return config
 

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ._protocols import TokenBucketProtocol
+from .config import RATE_LIMIT_MODES
 from .speedups import TokenBucket
 
 DEFAULT_MAX_NODE_BUCKETS = 10_000
@@ -39,8 +40,8 @@ class RateLimiter:
         per_node_burst_bytes: float = 0,
         max_node_buckets: int = DEFAULT_MAX_NODE_BUCKETS,
     ) -> None:
-        if mode not in ("reject", "delay"):
-            raise ValueError(f"mode must be reject or delay, not {mode!r}")
+        if mode not in RATE_LIMIT_MODES:
+            raise ValueError(f"mode must be {' or '.join(RATE_LIMIT_MODES)}, not {mode!r}")
         self.enabled = bytes_per_second > 0
         self.mode = mode
         self._max_wait = max_delay_s if mode == "delay" else 0.0

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from . import segment_format
 from .buffer import BufferManager
+from .config import FSYNC_POLICIES
 from .crypto import CryptoService
 from .metrics import WriterMetrics
 from .segment_format import fsync_dir, write_all
 
 log = logging.getLogger("telemetry_sink.writer")
 
-FSYNC_POLICIES = ("batch", "interval", "never")
 _BACKOFF_MIN_S = 0.05
 # With a backlog, up to this many full batches go to the writer thread in one hand-off.
 MAX_BATCHES_PER_WRITE = 8

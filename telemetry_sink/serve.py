@@ -12,7 +12,6 @@ import os
 import socket
 import ssl
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,6 @@ SERVE_ENV = "TELEMETRY_SINK_SERVE_ARGS"  # how `serve` hands the config path to 
 
 class ServeError(Exception):
     """A problem that stops the server from starting; str() is one line saying what to do."""
-
-
-def effective_config(config: Config) -> dict[str, Any]:
-    """The configuration as logged at start-up: paths only, never key material (there is none in it)."""
-    out: dict[str, Any] = {}
-    for section in ("server", "ingest", "rate_limit", "buffer", "writer", "crypto", "auth"):
-        out[section] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(getattr(config, section)).items()}
-    out["source"] = str(config.source) if config.source else None
-    return out
 
 
 def build_app(config: Config, *, workers: int = 1) -> Any:
@@ -96,7 +86,7 @@ def _log_startup(config: Config, sock: socket.socket) -> None:
              config.source or "built-in defaults", srv.workers, "on" if config.auth.tokens_file else "off",
              "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
              extra={"event": "startup", "implementation": speedups.IMPLEMENTATION,
-                    "config": effective_config(config)})
+                    "config": config.as_dict()})
     scheme = "https" if srv.tls_certfile else "http"
     shown = f"[{host}]" if ":" in host else host
     log.info("telemetry-sink listening on %s://%s:%d", scheme, shown, port,
