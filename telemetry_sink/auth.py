@@ -50,6 +50,8 @@ def _parse(path: Path) -> dict[str, Principal]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise AuthConfigError(f"tokens file {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise AuthConfigError(f"tokens file {path}: not UTF-8 text (byte {exc.start}); write it as UTF-8") from None
     patterns: dict[str, list[str]] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -65,6 +67,16 @@ def _parse(path: Path) -> dict[str, Principal]:
     return {digest: Principal(digest, tuple(p)) for digest, p in patterns.items()}
 
 
+ALLOW_EMPTY = "# allow-empty"
+
+
+def _allows_empty(path: Path) -> bool:
+    try:
+        return any(line.strip() == ALLOW_EMPTY for line in path.read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 class TokenTable:
     """The tokens file, loaded at start-up and re-read on demand (SIGHUP)."""
 
@@ -76,12 +88,19 @@ class TokenTable:
         return len(self._by_digest)
 
     def reload(self) -> bool:
-        """Re-read the file; on error keep the current tokens and log why. Returns success."""
+        """Re-read the file; on error keep the current tokens and log why. Returns success.
+
+        A file that now holds no token would lock every client out: it is refused like a broken
+        one, unless it says so on purpose with a line `# allow-empty`."""
         try:
-            self._by_digest = _parse(self.path)
+            fresh = _parse(self.path)
+            if not fresh and self._by_digest and not _allows_empty(self.path):
+                raise AuthConfigError(f"tokens file {self.path}: holds no tokens, which would lock every client out; "
+                                      f"add a line `{ALLOW_EMPTY}` to mean it")
         except AuthConfigError as exc:
             log.error("tokens file not reloaded, keeping %d tokens: %s", len(self._by_digest), exc)
             return False
+        self._by_digest = fresh
         log.info("tokens file %s reloaded: %d tokens", self.path, len(self._by_digest))
         return True
 

@@ -18,7 +18,7 @@ from . import __version__, speedups
 from .auth import AuthConfigError
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, KeyConfigError, write_key_file
-from .reader import DamageError, Follower, NoSegmentsError, RecordFilter, segment_paths, verify_segments
+from .reader import DamageError, Follower, NoSegmentsError, RecordFilter, parse_time, segment_paths, verify_segments
 from .segment_writer import WriterLockedError
 from .serve import ServeError
 
@@ -107,17 +107,29 @@ def _warn(message: str) -> None:
 
 def cmd_read(args: argparse.Namespace) -> int:
     crypto = _crypto(args.key_file, args.config)
-    follower = Follower(crypto, sys.stdout.buffer, _warn, RecordFilter(args.node, args.since), args.strict)
+    follower = Follower(crypto, sys.stdout.buffer, _warn, RecordFilter(args.node, args.since, args.until),
+                        args.strict)
     follower.read_new(_segments(args.paths, args.config), final=not args.follow)
-    if not args.follow:
-        return EXIT_DAMAGE if follower.bad_tokens else 0
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if args.follow:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while True:
+                time.sleep(args.poll_interval)
+                follower.read_new(_segments(args.paths, args.config), final=False)
+        except KeyboardInterrupt:
+            pass
+    summary = follower.summary()
+    if summary is not None:
+        _warn(summary)
+        return EXIT_DAMAGE
+    return 0
+
+
+def _time_arg(text: str) -> float:
     try:
-        while True:
-            time.sleep(args.poll_interval)
-            follower.read_new(_segments(args.paths, args.config), final=False)
-    except KeyboardInterrupt:
-        return 0
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -217,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_opt(p)
     p.add_argument("--key-file", metavar="PATH", help="key file (default: the configured one)")
     p.add_argument("--node", metavar="ID", help="only records with this node_id")
-    p.add_argument("--since", metavar="TS", type=float, help="only records whose ts >= TS (Unix seconds)")
+    p.add_argument("--since", metavar="TIME", type=_time_arg,
+                   help="only records whose ts >= TIME: Unix seconds, ISO 8601 (2026-12-01T10:00Z; UTC when no "
+                        "offset) or a time ago (30m, 1h, 2d)")
+    p.add_argument("--until", metavar="TIME", type=_time_arg, help="only records whose ts < TIME (same forms)")
     p.add_argument("--follow", "-f", action="store_true", help="keep reading as the live log grows")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) at the first damaged batch or unreadable record instead of skipping it")

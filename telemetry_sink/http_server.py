@@ -164,7 +164,8 @@ def create_app(
         restore_signals()
         await service.stop(shutdown_timeout_s)
 
-    api = FastAPI(title="telemetry-sink", version=__version__, lifespan=lifespan)
+    # No slash redirects: a 307 for /telemetry/ would build its Location from the client's Host header.
+    api = FastAPI(title="telemetry-sink", version=__version__, lifespan=lifespan, redirect_slashes=False)
     handler = IngestHandler(service, max_body_bytes, tokens)
 
     @api.post("/telemetry", status_code=202, openapi_extra=_INGEST_OPENAPI, responses=_INGEST_RESPONSES,

@@ -7,8 +7,11 @@ prints on its own or knows about command-line arguments.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -26,11 +29,53 @@ class DamageError(Exception):
 
 
 class NoSegmentsError(Exception):
-    """A path given to read or verify names neither a segment nor a directory."""
+    """A path given to read or verify names neither a segment nor a directory of segments."""
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """Unix seconds from `--since`/`--until` text: Unix seconds (`1767225600`), ISO 8601
+    (`2026-12-01`, `2026-12-01T10:00`, `...Z` or `+01:00`; no offset means UTC), or a time ago
+    (`90s`, `30m`, `1h`, `2d`, `1w`, or combined: `1h30m`). ValueError says what is accepted."""
+    raw = text.strip()
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    pos, ago = 0, 0.0
+    for match in _RELATIVE.finditer(raw):
+        if match.start() != pos:
+            break
+        ago += float(match.group(1)) * _UNIT_S[match.group(2)]
+        pos = match.end()
+    if pos and pos == len(raw):
+        return (time.time() if now is None else now) - ago
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time: use Unix seconds, ISO 8601 (2026-12-01T10:00Z) "
+                         f"or a time ago (30m, 1h, 2d)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _check_is_segment(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            segment_format.check_file_header(f.read(segment_format.FILE_HEADER_SIZE))
+    except segment_format.SegmentFormatError as exc:
+        raise NoSegmentsError(f"{path} is not a telemetry-sink segment ({exc})") from None
+    except OSError as exc:
+        raise NoSegmentsError(f"{path}: cannot read it ({exc.strerror})") from None
 
 
 def segment_paths(paths: Sequence[str], default_directory: Path | None) -> list[Path]:
-    """The segments named by `paths` (files or directories), or those of `default_directory`."""
+    """The segments named by `paths` (files or directories), or those of `default_directory`.
+    A file named explicitly must be a segment (NoSegmentsError, one line, if not)."""
     if not paths:
         if default_directory is None or not default_directory.is_dir():
             raise NoSegmentsError(f"log directory {default_directory} does not exist")
@@ -41,6 +86,7 @@ def segment_paths(paths: Sequence[str], default_directory: Path | None) -> list[
         if p.is_dir():
             out.extend(segment_format.list_segments(p))
         elif p.is_file():
+            _check_is_segment(p)
             out.append(p)
         else:
             raise NoSegmentsError(f"{p}: no such file or directory")
@@ -52,18 +98,23 @@ class RecordFilter:
     """Which decrypted records to keep; None means no condition."""
 
     node: str | None = None
-    since: float | None = None
+    since: float | None = None  # ts >= since
+    until: float | None = None  # ts < until
 
     @property
     def active(self) -> bool:
-        return self.node is not None or self.since is not None
+        return self.node is not None or self.since is not None or self.until is not None
 
     def keep(self, plaintext: bytes) -> bool:
         record = orjson.loads(plaintext)
         if self.node is not None and record.get("node_id") != self.node:
             return False
+        if self.since is None and self.until is None:
+            return True
         ts = record.get("ts")
-        return self.since is None or (isinstance(ts, (int, float)) and ts >= self.since)
+        if not isinstance(ts, (int, float)):
+            return False
+        return (self.since is None or ts >= self.since) and (self.until is None or ts < self.until)
 
 
 @dataclass
@@ -77,7 +128,17 @@ class Follower:
     keep: RecordFilter = field(default_factory=RecordFilter)
     strict: bool = False
     offsets: dict[Path, int] = field(default_factory=dict)
-    bad_tokens: int = 0
+    records: int = 0  # tokens met, decrypted or not
+    bad_tokens: int = 0  # tokens that did not authenticate with the key(s)
+
+    def summary(self) -> str | None:
+        """One line when records did not decrypt (reported once, not per record), else None."""
+        if not self.bad_tokens:
+            return None
+        good = self.records - self.bad_tokens
+        why = "is this the right key?" if good == 0 else "some were written under another key, or damaged"
+        return (f"{good:,} of {self.records:,} records decrypted: {why} ({self.bad_tokens:,} do not authenticate "
+                f"with the key(s) from {self.crypto.source})")
 
     def read_new(self, paths: list[Path], final: bool) -> None:
         """Emit every complete batch past the remembered offsets; `final`: report torn tails too."""
@@ -115,14 +176,16 @@ class Follower:
     def _emit(self, batch: segment_format.Batch) -> None:
         write = self.out.write
         keep = self.keep if self.keep.active else None
+        self.records += len(batch.tokens)
         for token in batch.tokens:
             try:
                 plaintext = self.crypto.decrypt(token)
             except InvalidToken:
                 self.bad_tokens += 1
-                self._damage(f"a record in the batch at seq {batch.first_seq} that does not authenticate "
-                             f"with the key(s)")
-                continue
+                if self.strict:
+                    self._damage(f"a record in the batch at seq {batch.first_seq} that does not authenticate "
+                                 f"with the key(s) from {self.crypto.source}")
+                continue  # counted, and reported once by summary()
             if keep is not None and not keep.keep(plaintext):
                 continue
             write(plaintext)
@@ -183,7 +246,10 @@ def verify_segments(segments: list[Path], crypto: CryptoService | None,
     damaged = 0
     totals = SegmentReport()
     for path in segments:
-        series = segment_format.parse_segment_name(path)[0]
+        try:
+            series = segment_format.parse_segment_name(path)[0]
+        except ValueError:  # not named as a writer names segments: no sequence to continue
+            series = str(path)
         report = verify_segment(path, crypto, next_seq.get(series))
         if report.last_seq is not None:
             next_seq[series] = report.last_seq + 1

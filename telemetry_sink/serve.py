@@ -50,7 +50,11 @@ def build_app(config: Config, *, workers: int = 1) -> Any:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     registry = CollectorRegistry()
     service = TelemetryService.from_config(config, crypto, workers=workers, metrics=WriterMetrics(registry))
-    service.writer.open()
+    try:
+        service.writer.open()
+    except OSError as exc:  # e.g. the directory is a file, or may not be created
+        raise ServeError(f"[writer] directory {config.writer.directory}: cannot use it as the log directory "
+                         f"({exc.strerror}); point it at a writable directory") from None
     srv = config.server
     configure_guard(srv.header_timeout_s, srv.body_timeout_s, srv.max_connections, on_timeout=service.count_timeout)
     return create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,

@@ -422,3 +422,36 @@ def test_e2e_malformed_tokens_file_fails_start_up_without_echoing_it(
     assert "line 1" in log
     assert TOKEN_A not in log
     assert "Traceback" not in log
+
+
+def test_reload_of_an_emptied_file_is_refused_unless_it_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tokens_file(tmp_path / "tokens", [f"node-a {hash_token(TOKEN_A)}"])
+    table = TokenTable(path)
+    tokens_file(path, ["# everyone was removed by mistake"])
+    with caplog.at_level(logging.INFO, logger="telemetry_sink.auth"):
+        assert table.reload() is False
+    assert table.authenticate(b"Bearer " + TOKEN_A.encode()) is not None  # nobody was locked out
+    assert "holds no tokens" in caplog.text and auth.ALLOW_EMPTY in caplog.text
+    tokens_file(path, [auth.ALLOW_EMPTY])
+    assert table.reload() is True
+    assert len(table) == 0 and table.authenticate(b"Bearer " + TOKEN_A.encode()) is None
+
+
+def test_non_utf8_tokens_file_is_one_line_at_start_and_keeps_old_tokens_on_reload(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = tokens_file(tmp_path / "tokens", [f"node-a {hash_token(TOKEN_A)}"])
+    server = start_server({"auth": {"tokens_file": str(path)}})
+    path.write_bytes(b"caf\xe9-* " + hash_token(TOKEN_GH).encode() + b"\n")
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "not UTF-8" in server.log(), what="the reload to be refused")
+    ok = httpx.post(server.url + "/telemetry", content=b'{"node_id": "node-a"}',
+                    headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN_A}"})
+    assert ok.status_code == 202
+    server.stop()
+    again = start_server({"auth": {"tokens_file": str(path)}}, wait=False)
+    assert again.wait(timeout=30) == 2
+    errors = [line for line in again.log().splitlines() if "error" in line.lower()]
+    assert errors == [f"telemetry-sink: error: tokens file {path}: not UTF-8 text (byte 3); write it as UTF-8"]

@@ -201,7 +201,7 @@ def test_read_with_rotated_keys_reads_old_and_new_segments(tmp_path: Path) -> No
     proc = run_cli("read", "--key-file", str(only_new), str(data))
     assert proc.returncode == 1
     assert parse_lines(proc.stdout) == new
-    assert "does not authenticate" in proc.stderr.decode()
+    assert "4 do not authenticate" in proc.stderr.decode()
 
 
 def test_read_key_from_environment_overrides_the_key_file(log: Log) -> None:

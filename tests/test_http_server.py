@@ -868,3 +868,11 @@ def test_bad_config_value_exits_2_with_one_line(
     lines = [line for line in server.log().splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("telemetry-sink: error: ") and named in lines[0]
+
+
+def test_trailing_slash_is_404_not_a_redirect_built_from_the_host_header(start_server: StartServer) -> None:
+    server = start_server()
+    response = httpx.post(server.url + "/telemetry/", content=b'{"node_id": "n"}',
+                          headers={"content-type": "application/json", "host": "evil.example"})
+    assert response.status_code == 404
+    assert "location" not in response.headers
