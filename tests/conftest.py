@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -173,6 +174,47 @@ def start_server(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., Serve
             server.proc.kill()
             server.proc.wait()
         server._log.close()
+
+
+class HeldBodyPost:
+    """A POST /telemetry whose body stops after its first chunk until `finish()`: a request the
+    server has begun (head and part of the body received) but cannot answer yet."""
+
+    def __init__(self, url: str, first: bytes, rest: bytes) -> None:
+        self._chunks = (first, rest)
+        self._head_sent = threading.Event()
+        self._release = threading.Event()
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._post, args=(url,), daemon=True)
+
+    def _body(self) -> Iterator[bytes]:
+        yield self._chunks[0]
+        self._head_sent.set()  # asked for the next chunk: the head and the first chunk are out
+        self._release.wait(20)
+        yield self._chunks[1]
+
+    def _post(self, url: str) -> None:
+        try:
+            self._outcome["response"] = httpx.post(url + "/telemetry", content=self._body(),
+                                                   headers={"content-type": "application/json"}, timeout=30.0)
+        except httpx.HTTPError as exc:  # reported by finish()
+            self._outcome["error"] = exc
+
+    def __enter__(self) -> HeldBodyPost:
+        self._thread.start()
+        assert self._head_sent.wait(20), "the request's head was never sent"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._thread.join(30)
+
+    def finish(self) -> httpx.Response:
+        """Send the rest of the body and return the answer (fails the test on a transport error)."""
+        self.__exit__()
+        assert "error" not in self._outcome, self._outcome.get("error")
+        response: httpx.Response = self._outcome["response"]
+        return response
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,

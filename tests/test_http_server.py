@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, run_cli, shared_server, wait_for
+from conftest import HeldBodyPost, ServerProcess, run_cli, shared_server, wait_for
 from cryptography.fernet import Fernet
 
 from telemetry_sink import segment_format
@@ -600,26 +600,8 @@ def test_graceful_shutdown_writes_every_accepted_record(start_server: StartServe
 
 def test_request_in_flight_at_shutdown_gets_503(start_server: StartServer, tmp_path: Path) -> None:
     server = start_server()
-    release = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def slow_body() -> Iterator[bytes]:
-        yield b'{"node_id": "late",'
-        release.wait(10)
-        yield b' "i": 1}'
-
-    def post() -> None:
-        try:
-            outcome["response"] = httpx.post(server.url + "/telemetry", content=slow_body(),
-                                             headers={"content-type": "application/json"}, timeout=20.0)
-        except httpx.HTTPError as exc:  # pragma: no cover - reported below
-            outcome["error"] = exc
-
     assert server.post(b'{"node_id": "early"}').status_code == 202
-    thread = threading.Thread(target=post)
-    thread.start()
-    try:
-        time.sleep(0.3)  # let the server take the request's headers (not an assertion)
+    with HeldBodyPost(server.url, b'{"node_id": "late",', b' "i": 1}') as in_flight:
         server.signal(signal.SIGTERM)
         wait_for(lambda: "Shutting down" in server.log(), what="uvicorn to begin its shutdown")
         try:
@@ -629,11 +611,8 @@ def test_request_in_flight_at_shutdown_gets_503(start_server: StartServer, tmp_p
             pass  # the listening socket is already closed: fine, nothing was accepted
         else:
             assert_error(late, 503, "shutting_down")
-    finally:
-        release.set()
-        thread.join(20)
-    assert "error" not in outcome, outcome.get("error")
-    assert_error(outcome["response"], 503, "shutting_down")
+        response = in_flight.finish()
+    assert_error(response, 503, "shutting_down")
     assert_stopped_gracefully(server, server.wait())
     assert [r["node_id"] for r in cli_read(server.config_path)] == ["early"]
 

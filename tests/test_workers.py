@@ -4,14 +4,12 @@ the global rate limit evenly; a graceful stop drains every one of them."""
 from __future__ import annotations
 
 import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
-from conftest import ServerProcess, run_cli, wait_for
+from conftest import HeldBodyPost, ServerProcess, run_cli, wait_for
 
 from telemetry_sink import segment_format
 
@@ -73,34 +71,10 @@ def test_sigterm_with_two_workers_refuses_new_records_and_finishes_in_flight_one
     # acknowledged after the drain began; what was accepted before is on disk.
     server = start_server({"server": {"workers": 2}, "rate_limit": {"bytes_per_second": 0}})
     assert server.post(b'{"node_id": "early"}').status_code == 202
-    headers_sent = threading.Event()
-    release = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def slow_body() -> Iterator[bytes]:
-        yield b'{"node_id": "late",'
-        headers_sent.set()  # asked for the next chunk: the head and the first chunk are out
-        release.wait(10)
-        yield b' "i": 1}'
-
-    def post() -> None:
-        try:
-            outcome["response"] = httpx.post(server.url + "/telemetry", content=slow_body(),
-                                             headers={"content-type": "application/json"}, timeout=20.0)
-        except httpx.HTTPError as exc:  # pragma: no cover - reported below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=post)
-    thread.start()
-    try:
-        assert headers_sent.wait(10)
+    with HeldBodyPost(server.url, b'{"node_id": "late",', b' "i": 1}') as in_flight:
         server.signal(signal.SIGTERM)
         wait_for(lambda: server.log().count("Shutting down") >= 2, what="both workers to begin their shutdown")
-    finally:
-        release.set()
-        thread.join(20)
-    assert "error" not in outcome, outcome.get("error")
-    response = outcome["response"]
+        response = in_flight.finish()
     assert response.status_code == 503 and response.json()["error"] == "shutting_down", response.text
     assert server.wait() in (0, -signal.SIGTERM)
     assert server.log().count("shutdown complete:") == 2
