@@ -166,6 +166,20 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     return EXIT_DAMAGE if report.failed else 0
 
 
+# -- top --
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from .top import run
+
+    urls = args.urls
+    if not urls:
+        srv = _load(args.config).server
+        host = "127.0.0.1" if srv.host in ("0.0.0.0", "::", "") else srv.host
+        urls = [f"{'https' if srv.tls_certfile else 'http'}://{host}:{srv.port}"]
+    return run(urls, args.interval, args.iterations)
+
+
 # -- info --
 
 
@@ -270,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-file", metavar="PATH", help="tokens file (default: [auth] tokens_file)")
     p.add_argument("pattern", metavar="NODE_PATTERN")
     p.set_defaults(func=cmd_token_add)
+
+    p = sub.add_parser("top", help="live view of running servers from their /metrics",
+                       description="A live terminal view of one or more running servers, from their /metrics: "
+                       "requests/s and records/s, answers by status, rejections by reason, buffer fill, write "
+                       "and fsync latency, segments, and the shipping backlog when shipping is on. Press q to "
+                       "quit.")
+    config_opt(p)
+    p.add_argument("urls", nargs="*", metavar="URL",
+                   help="server base URLs (default: the configured [server] host and port)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    p.add_argument("--iterations", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("info", help="version, implementation, OpenSSL version, config path")
     config_opt(p)

@@ -197,7 +197,8 @@ class TelemetryService:
             segments=segments,
             segment_bytes=segment_bytes,
             segments_deleted=wstats.segments_deleted,
-            gauges={"rate_limit_node_buckets": self.rate_limiter.node_buckets},
+            gauges={"rate_limit_node_buckets": self.rate_limiter.node_buckets,
+                    "buffer_max_records": self.buffer.max_records, "buffer_max_bytes": self.buffer.max_bytes},
         )
 
     # -- lifecycle --
