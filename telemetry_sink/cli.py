@@ -14,11 +14,21 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import __version__, speedups
+from . import __version__, segment_format, speedups
 from .auth import AuthConfigError
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, KeyConfigError, write_key_file
-from .reader import DamageError, Follower, NoSegmentsError, RecordFilter, parse_time, segment_paths, verify_segments
+from .progress import Progress
+from .reader import (
+    DamageError,
+    Follower,
+    NoSegmentsError,
+    RecordFilter,
+    parse_time,
+    segment_paths,
+    total_bytes,
+    verify_segments,
+)
 from .segment_writer import WriterLockedError
 from .serve import ServeError
 
@@ -141,7 +151,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     segments = _segments(args.paths, args.config)
     if not segments:
         raise CliError("no segments found")
-    return EXIT_DAMAGE if verify_segments(segments, crypto, print) else 0
+    with Progress("verify", total_bytes(segments)) as progress:
+        damaged = verify_segments(segments, crypto, print, progress)
+    return EXIT_DAMAGE if damaged else 0
 
 
 # -- rotate-key --
@@ -155,7 +167,8 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise CliError(f"log directory {directory} does not exist")
     crypto = _crypto(args.key_file, args.config)
-    report = rotate_directory(directory, crypto)
+    with Progress("rotate-key", total_bytes(segment_format.list_segments(directory))) as progress:
+        report = rotate_directory(directory, crypto, progress)
     for path in report.skipped_active:
         print(f"{path.name}: skipped (a running writer is appending to it; run again after it rolls over)")
     for problem in report.failed:

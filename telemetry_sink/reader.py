@@ -19,9 +19,22 @@ import orjson
 
 from . import segment_format
 from .crypto import CryptoService, InvalidToken
+from .progress import Progress
 
 # Past the end of any file: a segment that is not one is never looked at again.
 _SKIP = 1 << 62
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def total_bytes(segments: Sequence[Path]) -> int:
+    """The size of `segments` on disk (what a progress bar counts towards)."""
+    return sum(map(_size, segments))
 
 
 class DamageError(Exception):
@@ -239,7 +252,7 @@ def verify_segment(path: Path, crypto: CryptoService | None, expected_seq: int |
 
 
 def verify_segments(segments: list[Path], crypto: CryptoService | None,
-                    emit: Callable[[str], None]) -> int:
+                    emit: Callable[[str], None], progress: Progress | None = None) -> int:
     """Verify `segments` in order (sequence numbers checked across each series), `emit` one line per
     segment and problem and a summary; return the number of damaged segments."""
     next_seq: dict[str, int] = {}
@@ -259,6 +272,8 @@ def verify_segments(segments: list[Path], crypto: CryptoService | None,
         for problem in report.problems:
             emit(f"  {problem}")
         damaged += bool(report.problems)
+        if progress is not None:
+            progress.advance(report.records, _size(path))
         totals.batches += report.batches
         totals.records += report.records
     auth = ", every token authenticated" if crypto is not None and not damaged else ""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import segment_format
 from .crypto import CryptoService, InvalidToken
+from .progress import Progress
 
 log = logging.getLogger("telemetry_sink.rotate")
 
@@ -76,7 +77,7 @@ def _replace(path: Path, data: bytes) -> None:
     segment_format.fsync_dir(path.parent)
 
 
-def rotate_directory(directory: Path, crypto: CryptoService) -> RotationReport:
+def rotate_directory(directory: Path, crypto: CryptoService, progress: Progress | None = None) -> RotationReport:
     """Re-encrypt every sealed segment in `directory` whose tokens do not all use the first key."""
     report = RotationReport()
     for leftover in directory.glob(f"*{segment_format.SEGMENT_SUFFIX}{TMP_SUFFIX}"):
@@ -88,6 +89,8 @@ def rotate_directory(directory: Path, crypto: CryptoService) -> RotationReport:
         newest[segment_format.parse_segment_name(path)[0]] = path
     active = {path for series, path in newest.items() if not _series_is_idle(directory, series)}
     for path in segments:
+        if progress is not None:
+            progress.advance(0, path.stat().st_size)
         if path in active:
             report.skipped_active.append(path)
             continue
