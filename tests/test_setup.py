@@ -19,6 +19,8 @@ IMPLEMENTATION_IN_COPY = (
     "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
     "from telemetry_sink import speedups; print(speedups.IMPLEMENTATION, speedups.__file__)"
 )
+INFO_IN_COPY = IMPLEMENTATION_IN_COPY.split("from telemetry_sink")[0] + (
+    "from telemetry_sink.cli import main; sys.exit(main(['info']))")
 
 
 def _copy_tree(dest: Path) -> Path:
@@ -59,3 +61,8 @@ def test_failed_build_warns_once_exits_0_and_leaves_no_binary(tmp_path: Path, ca
     used = subprocess.run([sys.executable, "-c", IMPLEMENTATION_IN_COPY], cwd=tree, capture_output=True, text=True,
                           timeout=60, check=True).stdout.split()
     assert used == ["pure-python", str(tree / "telemetry_sink" / "speedups.py")]
+    info = subprocess.run([sys.executable, "-c", INFO_IN_COPY], cwd=tree, capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    rows = dict(line.split(": ", 1) for line in info.splitlines())
+    assert rows["compiled_path"].startswith("not in use: the extension is not built"), rows
+    assert "apt-get install gcc libssl-dev zlib1g-dev" in rows["compiled_path"], rows
