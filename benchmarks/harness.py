@@ -6,6 +6,7 @@ and every load run is bounded in time.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -123,6 +125,14 @@ def best_of(call: Callable[[], object], rounds: int) -> float:
         call()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def speedups_module(implementation: str) -> ModuleType:
+    """The `_speedups` module a server reports in /healthz: "compiled" or "pure-python"."""
+    names = {"compiled": "telemetry_sink._speedups", "pure-python": "telemetry_sink._speedups_py"}
+    if implementation not in names:
+        raise ValueError(f"unknown speedups implementation {implementation!r}")
+    return importlib.import_module(names[implementation])
 
 
 def free_port() -> int:
@@ -384,7 +394,13 @@ class WrkResult:
 
     @property
     def accepted(self) -> int:
-        return self.statuses.get("202", 0)
+        """Answers with a 2xx status (the product answers 202 to every stored request)."""
+        return sum(n for status, n in self.statuses.items() if status.startswith("2"))
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Answers by status that are not 2xx."""
+        return {status: n for status, n in self.statuses.items() if not status.startswith("2")}
 
 
 def run_wrk(url: str, body: Payload, seconds: float, connections: int = 64, threads: int = 1,
