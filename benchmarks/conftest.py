@@ -14,7 +14,7 @@ Options (also as environment variables, for run_all.py and CI):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,15 @@ MARKERS = {
     "profile": "py-spy profile of the server under load",
 }
 # The framing gate of benchmarks/test_bench_speedups.py (compiled >= 3x Fernet.encrypt) is part of
-# the quick gate too; that file is not ours to edit, so the marker is added here.
+# the quick gate too; it also runs in the framing suite, so the marker is added here.
 QUICK_ELSEWHERE = ("test_bench_speedups.py::test_gate_compiled_vs_fernet",)
+# Every gate `-m quick` must run: a gate that lost its marker or its file fails the run, not shrinks it.
+QUICK_GATES = (
+    "test_bench_http.py::test_quick_gate_single_post",
+    "test_bench_micro.py::test_quick_server_runs_compiled_extension",
+    "test_bench_micro.py::test_quick_gate_compiled_framer_vs_twin",
+    "test_bench_speedups.py::test_gate_compiled_vs_fernet",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,6 +69,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(overload_s + 600))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.getoption("markexpr") != "quick" or session.config.getoption("keyword"):
+        return  # not the gate, or a subset of it asked for with -k
+    missing = [gate for gate in QUICK_GATES if not any(item.nodeid.endswith(gate) for item in session.items)]
+    if missing:
+        raise pytest.UsageError(f"the quick gate lacks {', '.join(missing)} (QUICK_GATES, benchmarks/conftest.py)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                               call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A quick gate never skips (in CI or anywhere): a skip there is reported as a failure."""
+    report: pytest.TestReport = yield
+    if report.skipped and item.get_closest_marker("quick") is not None and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"a quick gate must not skip ({report.longrepr!r}): fix the cause, see docs/BENCHMARKS.md"
+    return report
+
+
 def pytest_report_header() -> str:
     return (f"telemetry_sink speedups: {speedups.IMPLEMENTATION}; "
             f"TELEMETRY_SINK_NO_EXTENSIONS={os.environ.get('TELEMETRY_SINK_NO_EXTENSIONS', '')!r}")
@@ -83,6 +109,20 @@ def bench_options(request: pytest.FixtureRequest) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def bench_workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="session")
+def served_implementation(bench_workdir: Path) -> str:
+    """The `_speedups` implementation a product server started by the benchmarks reports in /healthz:
+    the framing gates time that one, not whatever this process happens to import."""
+    import harness
+
+    server = harness.start_product(bench_workdir / "implementation", name="implementation")
+    try:
+        health = server.healthz() or {}
+    finally:
+        server.stop()
+    return str(health.get("implementation"))
 
 
 @pytest.fixture(scope="session")

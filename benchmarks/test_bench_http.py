@@ -17,15 +17,19 @@ Run:  .venv/bin/python -m pytest benchmarks/test_bench_http.py -p no:cacheprovid
 
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import harness
 import pytest
 
-QUICK_SECONDS = 3.0
-QUICK_GATE = 0.5  # single-record POST: product >= 0.5 x the raw ASGI ceiling's requests/s
+QUICK_ROUNDS = 7
+QUICK_SECONDS = 2.0
+QUICK_GATE = 0.4  # single-record POST: product >= 0.4 x the raw ASGI ceiling's accepted records per CPU-second
+QUICK_WALL_FLOOR = 0.25  # ... and >= 0.25 x its accepted records per second (medians over the rounds)
 MAX_RECORDS_DEFAULT = 100_000  # [buffer] max_records in config.ini
 
 E2E_POINTS = [
@@ -171,36 +175,73 @@ def test_profile_product(benchmark: Any, wrk: str, bench_options: dict[str, Any]
 
 @pytest.mark.quick
 def test_quick_gate_single_post(wrk: str, bench_options: dict[str, Any], bench_workdir: Path) -> None:
-    """Single-record POSTs: product >= 0.5 x the raw ASGI ceiling's requests/s.
+    """Single-record POSTs, product against the raw ASGI ceiling, both up at once.
 
-    Both servers up at once; 3 s wrk runs alternating raw, product, raw, product after a 1 s warm-up
-    each; best of 2 per server. Also checks the product's log against its 202s.
+    After 1 s of warm-up each, QUICK_ROUNDS rounds of QUICK_SECONDS wrk runs, raw and product in
+    alternating order; per round and server: accepted (2xx) records per second of wall time and
+    per CPU-second of the server (utime + stime over the run). Gates, all of which must hold:
+
+    - the product's /healthz reports the compiled extension (the gate measures that build);
+    - every answer of both servers is 2xx and wrk saw no socket errors (none are expected here);
+    - at least one record on disk, and every acknowledged record is (harness.check_log);
+    - median over rounds of product/raw accepted records per CPU-second >= QUICK_GATE. This is the
+      figure that decides: on a shared 2-core machine the other jobs take CPU from either server at
+      random (the wall-clock ratio of one run went 0.37-2.71 over 6 rounds), but what a record costs
+      the server is steady (0.55-0.68 in the same run; the ingest routed through FastAPI 0.17-0.20);
+    - median of the wall-clock ratio >= QUICK_WALL_FLOOR: a loose floor for a product that idles
+      (sleeps, waits on a lock) instead of spending CPU, which the CPU ratio cannot see.
     """
     body = harness.payload("single")
     conns = bench_options["connections"]
-    seconds = QUICK_SECONDS
     raw = harness.start_reference("raw", bench_workdir / "quick")
     product = harness.start_product(bench_workdir / "quick", extra=bench_options["server_extra"])
-    product_runs: list[harness.WrkResult] = []
-    best = {"raw": 0.0, "product": 0.0}
+    health = product.healthz() or {}
+    runs: dict[str, list[harness.WrkResult]] = {"raw": [], "product": []}
+    rounds: list[dict[str, harness.PointResult]] = []
     try:
         for server in (raw, product):
-            warm = harness.run_wrk(server.url, body, 1, conns)
-            if server is product:
-                product_runs.append(warm)
-        for _ in range(2):
-            for name, server in (("raw", raw), ("product", product)):
-                res = harness.run_wrk(server.url, body, seconds, conns)
-                if server is product:
-                    product_runs.append(res)
-                best[name] = max(best[name], res.rps)
+            runs[server.kind].append(harness.run_wrk(server.url, body, 1, conns))
+        for i in range(QUICK_ROUNDS):
+            points: dict[str, harness.PointResult] = {}
+            for server in (raw, product) if i % 2 == 0 else (product, raw):
+                point, measured = harness.measure(server, body, QUICK_SECONDS, conns, warmup_s=0)
+                points[server.kind] = point
+                runs[server.kind].extend(measured)
+            rounds.append(points)
         product.stop()
     finally:
         raw.close()
         product.close()
-    _, verdict = harness.check_log(product, product_runs, 1, conns)
-    ratio = best["product"] / best["raw"]
-    print(f"\nsingle-record POST, best of 2 x {seconds:g} s: product {best['product']:,.0f} req/s, raw ASGI "
-          f"{best['raw']:,.0f} req/s: {ratio:.2f} of the ceiling (gate {QUICK_GATE}); log {verdict}")
-    assert not verdict_failed(verdict), verdict
-    assert ratio >= QUICK_GATE, f"product at {ratio:.2f} of the raw ASGI ceiling (gate {QUICK_GATE})"
+    _, verdict = harness.check_log(product, runs["product"], 1, conns)
+    cpu_ratios = [_per_cpu_s(r["product"]) / _per_cpu_s(r["raw"]) for r in rounds]
+    wall_ratios = [r["product"].records_per_s / r["raw"].records_per_s for r in rounds]
+    for i, r in enumerate(rounds):
+        print(f"\nround {i}: raw {r['raw'].records_per_s:,.0f} records/s, {_per_cpu_s(r['raw']):,.0f} per CPU-s; "
+              f"product {r['product'].records_per_s:,.0f} records/s, {_per_cpu_s(r['product']):,.0f} per CPU-s; "
+              f"ratios: wall {wall_ratios[i]:.2f}, CPU {cpu_ratios[i]:.2f}", end="")
+    cpu_ratio, wall_ratio = statistics.median(cpu_ratios), statistics.median(wall_ratios)
+    print(f"\nsingle-record POST, median of {QUICK_ROUNDS} x {QUICK_SECONDS:g} s rounds: accepted records per "
+          f"server CPU-second {cpu_ratio:.2f} of the raw ASGI ceiling (gate {QUICK_GATE}), per second "
+          f"{wall_ratio:.2f} (floor {QUICK_WALL_FLOOR}); implementation {health.get('implementation')}; log {verdict}")
+    failures = []
+    if health.get("implementation") != "compiled":
+        failures.append(f"the measured server runs {health.get('implementation')!r}, not the compiled extension")
+    for kind, kind_runs in runs.items():
+        refused = sum((Counter(r.refused) for r in kind_runs), Counter())
+        errors = sum((Counter(r.errors) for r in kind_runs), Counter())
+        if refused or +errors:
+            failures.append(f"{kind}: unexpected answers {dict(refused)}, socket errors {dict(+errors)}")
+    if verdict_failed(verdict):
+        failures.append(f"log: {verdict}")
+    if cpu_ratio < QUICK_GATE:
+        failures.append(f"accepted records per CPU-second at {cpu_ratio:.2f} of the raw ASGI ceiling "
+                        f"(gate {QUICK_GATE})")
+    if wall_ratio < QUICK_WALL_FLOOR:
+        failures.append(f"accepted records per second at {wall_ratio:.2f} of the raw ASGI ceiling "
+                        f"(floor {QUICK_WALL_FLOOR})")
+    assert not failures, "; ".join(failures)
+
+
+def _per_cpu_s(point: harness.PointResult) -> float:
+    """Accepted records per CPU-second of the server (0 when it accepted none)."""
+    return point.records_per_s * point.seconds / point.server_cpu_s if point.server_cpu_s > 0 else 0.0

@@ -80,15 +80,20 @@ def test_token_bucket_try_acquire(benchmark: Any, impl: str) -> None:
     assert benchmark(bucket.try_acquire, 1.0, 1.0) is True
 
 
-def test_gate_compiled_vs_fernet(benchmark: Any) -> None:
-    """CI gate: compiled framing of 1000 x 150-byte records is >= 3x a Fernet.encrypt loop.
+def test_gate_compiled_vs_fernet(benchmark: Any, served_implementation: str) -> None:
+    """CI gate: the server's framing of 1000 x 150-byte records is >= 3x a Fernet.encrypt loop.
 
-    Measured here with perf_counter (best of several interleaved rounds, same process,
-    same moment, so machine load hits both sides alike). Routed through
-    `benchmark.pedantic` only so that --benchmark-only does not skip the gate.
+    Times the implementation a product server reports in /healthz (so a server on the twin fails
+    here, at ~1x), with perf_counter (best of several interleaved rounds, same process, same
+    moment, so machine load hits both sides alike). Routed through `benchmark.pedantic` only so
+    that --benchmark-only does not skip the gate.
     """
     records = _records(150, 1000)
-    framed = _framer_call("compiled", records)
+    framer = harness.speedups_module(served_implementation).BatchFramer(SIGNING_KEY, ENCRYPTION_KEY)
+
+    def framed() -> object:
+        return framer.frame(1, 1_700_000_000_000, records)
+
     fernet = _fernet_loop(records)
 
     def compare() -> dict[str, float]:
@@ -108,8 +113,8 @@ def test_gate_compiled_vs_fernet(benchmark: Any) -> None:
     result = benchmark.pedantic(compare, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     print(
-        f"\ncompiled {result['compiled_us_per_record']:.3f} us/record, "
+        f"\nthe server's framer ({served_implementation}) {result['compiled_us_per_record']:.3f} us/record, "
         f"Fernet.encrypt {result['fernet_us_per_record']:.3f} us/record, "
         f"speedup {result['speedup']:.1f}x (gate {GATE_SPEEDUP}x, target 5x)"
     )
-    assert result["speedup"] >= GATE_SPEEDUP, result
+    assert result["speedup"] >= GATE_SPEEDUP, f"the server's framer ({served_implementation}): {result}"

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Idempotent set-up: system packages (when root), .venv inside the repo, the package with its
-# test tools, and the compiled extension. Used by scripts/run.sh, scripts/test.sh and .ci/run.
+# Idempotent set-up: system packages (when root), .venv inside the repo, the package (with its
+# test tools when called as `bootstrap.sh --test`), and the compiled extension. Used by
+# scripts/run.sh (serving only), scripts/test.sh and .ci/run (--test). Never fails on a missing
+# compiler, Cython or headers: the extension build then warns and the pure-Python twin is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras=build
+if [ "${1:-}" = --test ]; then extras=build,test; fi
 
 # System packages: a C compiler and the OpenSSL and zlib headers build the extension; wrk drives the
 # HTTP benchmarks. Installed with apt-get when we may (root on Debian/Ubuntu), else a warning.
@@ -34,15 +38,22 @@ done
 [ -n "$python" ] || { echo "bootstrap: Python 3.11+ is required" >&2; exit 1; }
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-stamp=.venv/.telemetry-sink-installed
+stamp=".venv/.telemetry-sink-installed-${extras/,/-}"
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py -newer "$stamp" 2>/dev/null)" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test]"
-    # The coverage-guided fuzzer is best-effort: a prebuilt wheel or nothing (its test skips).
-    .venv/bin/python -m pip install -q --only-binary=:all: atheris ||
-        echo "bootstrap: note: no atheris wheel for this platform; its fuzz test will be skipped"
+    # The extension is compiled below, where its warning is visible (pip hides build output).
+    TELEMETRY_SINK_NO_EXTENSIONS=1 .venv/bin/python -m pip install -q -e ".[$extras]"
+    if [ "$extras" = build,test ]; then
+        # The coverage-guided fuzzer is best-effort: a prebuilt wheel or nothing (its test skips).
+        .venv/bin/python -m pip install -q --only-binary=:all: atheris ||
+            echo "bootstrap: note: no atheris wheel for this platform; its fuzz test will be skipped"
+    fi
     touch "$stamp"
 fi
-# Compile (or re-compile) the extension in place; falls back to the pure-Python twin with a warning.
-.venv/bin/python setup.py -q build_ext --inplace
+# (Re-)compile the extension in place when its binary is missing or older than its sources; a
+# failed build prints one warning line, removes any old binary and exits 0 (setup.py).
+so=$(.venv/bin/python -c 'import importlib.machinery as m; print("telemetry_sink/_speedups" + m.EXTENSION_SUFFIXES[0])')
+if [ ! -f "$so" ] || [ telemetry_sink/_speedups.pyx -nt "$so" ] || [ setup.py -nt "$so" ]; then
+    .venv/bin/python setup.py -q build_ext --inplace
+fi
 .venv/bin/telemetry-sink info

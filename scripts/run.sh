@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install everything (if needed) and run the server on the default config.ini,
-# creating a development key (./dev.key, mode 0600) if there is none.
+# Install what serving needs (if needed; the test tools come with scripts/test.sh) and run the
+# server on the default config.ini, creating a development key (./dev.key, mode 0600) if there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh

@@ -214,6 +214,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("python", platform.python_version()),
         ("config", str(path.resolve()) if path else "(built-in defaults)"),
     ]
+    if speedups.FALLBACK_REASON is not None:
+        rows.append(("compiled_path", f"not in use: {speedups.FALLBACK_REASON}; to get it: {speedups.HOW_TO_COMPILE}"))
     for name, value in rows:
         print(f"{name}: {value}")
     return 0

@@ -86,11 +86,15 @@ def bind_listener(host: str, port: int) -> socket.socket:
 def _log_startup(config: Config, sock: socket.socket) -> None:
     srv = config.server
     host, port = sock.getsockname()[:2]
-    log.info("starting: speedups %s, config %s, %d worker(s), auth %s, tls %s", speedups.IMPLEMENTATION,
-             config.source or "built-in defaults", srv.workers, "on" if config.auth.tokens_file else "off",
-             "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
-             extra={"event": "startup", "implementation": speedups.IMPLEMENTATION,
-                    "config": config.as_dict()})
+    # The twin is a warning, not news: a build without a compiler must not go unnoticed.
+    twin = speedups.FALLBACK_REASON
+    log.log(logging.INFO if twin is None else logging.WARNING,
+            "starting: speedups %s%s, config %s, %d worker(s), auth %s, tls %s", speedups.IMPLEMENTATION,
+            "" if twin is None else f" ({twin}; to get the compiled path: {speedups.HOW_TO_COMPILE})",
+            config.source or "built-in defaults", srv.workers, "on" if config.auth.tokens_file else "off",
+            "mutual" if srv.tls_client_ca else ("on" if srv.tls_certfile else "off"),
+            extra={"event": "startup", "implementation": speedups.IMPLEMENTATION,
+                   "config": config.as_dict()})
     scheme = "https" if srv.tls_certfile else "http"
     shown = f"[{host}]" if ":" in host else host
     log.info("telemetry-sink listening on %s://%s:%d", scheme, shown, port,

@@ -1,6 +1,9 @@
 """The hot path's implementation: the compiled `_speedups` extension when it is importable, else
 its pure-Python twin `_speedups_py` (same behaviour, slower). `TELEMETRY_SINK_NO_EXTENSIONS=1`
 forces the twin. The interface both satisfy is described once, in `_protocols.py`.
+
+When the twin is in use, FALLBACK_REASON says why and HOW_TO_COMPILE how to get the compiled
+path (`serve` logs both as a warning, `info` prints them).
 """
 
 from __future__ import annotations
@@ -10,16 +13,24 @@ import os
 from ._protocols import BatchFramerProtocol, TokenBucketProtocol
 
 NO_EXTENSIONS = bool(os.environ.get("TELEMETRY_SINK_NO_EXTENSIONS"))
+FALLBACK_REASON: str | None = None
 
 try:
     if NO_EXTENSIONS:
         raise ImportError("TELEMETRY_SINK_NO_EXTENSIONS is set")
     from ._speedups import IMPLEMENTATION, BatchFramer, TokenBucket
-except ImportError:  # not compiled: the twin behaves the same, only slower
+except ImportError as exc:  # not compiled: the twin behaves the same, only slower
+    FALLBACK_REASON = str(exc) if NO_EXTENSIONS else f"the extension is not built ({exc})"
     from ._speedups_py import IMPLEMENTATION, BatchFramer, TokenBucket  # type: ignore[assignment]
+
+HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
+    "install a C compiler and the OpenSSL >= 3.0 and zlib headers (Debian: apt-get install gcc libssl-dev "
+    "zlib1g-dev), then reinstall with `pip install .` (or, in a source checkout with `pip install cython "
+    "'setuptools>=77'`, run `python setup.py build_ext --inplace`); see docs/speedups.md"
+)
 
 # Both implementations must satisfy the one interface (checked by mypy, here and in the twin).
 _framer: type[BatchFramerProtocol] = BatchFramer
 _bucket: type[TokenBucketProtocol] = TokenBucket
 
-__all__ = ["IMPLEMENTATION", "NO_EXTENSIONS", "BatchFramer", "TokenBucket"]
+__all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchFramer", "TokenBucket"]

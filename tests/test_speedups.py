@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import gc
 import importlib
+import json
 import math
 import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
+from conftest import ServerProcess, run_cli
 from cryptography.fernet import Fernet, MultiFernet
 
 from telemetry_sink import speedups
@@ -69,6 +72,21 @@ def test_extension_really_loaded() -> None:
         assert speedups.IMPLEMENTATION == "pure-python"
     else:
         assert speedups.IMPLEMENTATION == "compiled", "telemetry_sink._speedups did not load"
+
+
+def test_twin_is_a_startup_warning_and_info_says_how_to_compile(start_server: Callable[..., ServerProcess]) -> None:
+    """With the twin in use `serve` logs its start line at WARNING with the reason and the remedy,
+    and `info` prints them (the not-built case: tests/test_setup.py)."""
+    env = {"TELEMETRY_SINK_NO_EXTENSIONS": "1"}
+    server = start_server(env=env, args=("--log-format", "json"), separate_stderr=True)
+    server.stop()
+    lines = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
+    (startup,) = [line for line in lines if line.get("event") == "startup"]
+    assert startup["level"] == "warning" and startup["implementation"] == "pure-python", startup
+    assert "TELEMETRY_SINK_NO_EXTENSIONS is set; to get the compiled path: unset" in startup["msg"], startup
+    rows = dict(line.split(": ", 1) for line in run_cli("info", env=env, check=True).stdout.decode().splitlines())
+    assert rows["implementation"] == "pure-python"
+    assert rows["compiled_path"].startswith("not in use: TELEMETRY_SINK_NO_EXTENSIONS is set"), rows
 
 
 def test_implementation_names(speedups_impl: ModuleType) -> None:
