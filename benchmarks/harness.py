@@ -18,16 +18,16 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from telemetry_sink.testing import ConfigValues, ServerProcess, clean_env, merge_config, write_config
+from telemetry_sink.testing import ConfigValues, ServerProcess, best_of, clean_env, merge_config, write_config
 
-__all__ = ["ConfigValues", "clean_env", "merge_config", "write_config"]  # used by the benchmark suites
+__all__ = ["ConfigValues", "best_of", "clean_env", "merge_config", "write_config"]  # used by the benchmark suites
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -115,16 +115,6 @@ def ensure_wrk() -> str | None:
 def py_spy() -> str | None:
     venv_tool = Path(sys.executable).parent / "py-spy"
     return str(venv_tool) if venv_tool.exists() else shutil.which("py-spy")
-
-
-def best_of(call: Callable[[], object], rounds: int) -> float:
-    """The shortest wall time of `rounds` calls (the least disturbed by a noisy machine)."""
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def parse_server_extra(items: list[str] | str | None) -> ConfigValues:

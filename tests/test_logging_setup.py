@@ -68,7 +68,7 @@ def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path,
     listening = [line for line in lines if line.get("event") == "listening"]
     assert len(listening) == 1, lines
     assert (listening[0]["host"], listening[0]["port"]) == ("127.0.0.1", server.port)
-    assert lines.index(listening[0]) < lines.index([line for line in lines if line.get("event") == "ready"][0])
+    assert lines.index(listening[0]) < lines.index(next(line for line in lines if line.get("event") == "ready"))
     assert config["buffer"]["high_water_percent"] == 77
     assert config["writer"]["max_segment_bytes"] == 600
     assert config["writer"]["directory"] == str(tmp_path / "data")
