@@ -1,39 +1,41 @@
 """Shared helpers for the benchmarks: payloads, server subprocesses, wrk, /proc sampling, log checks.
 
 Used by the pytest suites in this directory and by run_all.py. Everything talks to 127.0.0.1 only
-and every load run is bounded in time.
+and every load run is bounded in time. Server processes, configs and the clean environment come from
+`telemetry_sink.testing`, which the tests share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import httpx
 import orjson
+
+from telemetry_sink.testing import ConfigValues, ServerProcess, best_of, clean_env, merge_config, write_config
+
+__all__ = ["ConfigValues", "best_of", "clean_env", "merge_config", "write_config"]  # used by the benchmark suites
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 LUA_POST = BENCH_DIR / "lua" / "post.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = 1024
-
-ConfigValues = dict[str, dict[str, Any]]
 
 # -- payloads --
 
@@ -117,44 +119,12 @@ def py_spy() -> str | None:
     return str(venv_tool) if venv_tool.exists() else shutil.which("py-spy")
 
 
-def best_of(call: Callable[[], object], rounds: int) -> float:
-    """The shortest wall time of `rounds` calls (the least disturbed by a noisy machine)."""
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def speedups_module(implementation: str) -> ModuleType:
     """The `_speedups` module a server reports in /healthz: "compiled" or "pure-python"."""
     names = {"compiled": "telemetry_sink._speedups", "pure-python": "telemetry_sink._speedups_py"}
     if implementation not in names:
         raise ValueError(f"unknown speedups implementation {implementation!r}")
     return importlib.import_module(names[implementation])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(path: Path, values: ConfigValues) -> Path:
-    lines: list[str] = []
-    for section, keys in values.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {v}" for k, v in keys.items())
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def merge_config(base: ConfigValues, extra: ConfigValues | None) -> ConfigValues:
-    out = {section: dict(keys) for section, keys in base.items()}
-    for section, keys in (extra or {}).items():
-        out.setdefault(section, {}).update(keys)
-    return out
 
 
 def parse_server_extra(items: list[str] | str | None) -> ConfigValues:
@@ -180,14 +150,6 @@ def parse_server_extra(items: list[str] | str | None) -> ConfigValues:
                 raise ValueError(f"server extra {part!r}: expected section.key=value")
             out.setdefault(section.strip(), {})[key.strip()] = value.strip()
     return out
-
-
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment without TELEMETRY_SINK_* overrides (except the NO_EXTENSIONS switch)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("TELEMETRY_SINK_") or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
-    env.update(extra or {})
-    return env
 
 
 # -- /proc sampling (the server and its descendants, so multi-worker servers count whole) --
@@ -255,65 +217,53 @@ def rss_mib(pid: int) -> float:
 # -- server subprocesses --
 
 
-class Server:
-    """A server subprocess on a loopback port: the product, the raw ASGI ceiling or the naive app."""
+_SERIAL = itertools.count()
 
-    def __init__(self, kind: str, argv: list[str], port: int, workdir: Path, env: dict[str, str] | None = None,
+
+def _listening_port(pid: int) -> int | None:
+    """The TCP port `pid` listens on, from /proc: for checkouts older than the "listening on" log line."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    return int(fields[1].rsplit(":", 1)[1], 16)
+    return None
+
+
+class Server(ServerProcess):
+    """A benchmark server subprocess: the product, the raw ASGI ceiling or the naive app, with what
+    check_log reads back (its log directory and key file)."""
+
+    def __init__(self, kind: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
                  config: Path | None = None, data_dir: Path | None = None, key_file: Path | None = None) -> None:
+        super().__init__(argv, workdir / f"{kind}-{next(_SERIAL)}.log", env=env, cwd=workdir, name=kind,
+                         config_path=config)
         self.kind = kind
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
         self.workdir = workdir
-        self.config = config
         self.data_dir = data_dir
         self.key_file = key_file
-        self.log_path = workdir / f"{kind}-{port}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(env),
-                                     cwd=str(workdir))
-        self.pid = self.proc.pid
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                httpx.get(self.url + "/healthz", timeout=1.0)
-                return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} server not ready after {timeout}s:\n{self.log()}")
+    def reported_address(self) -> tuple[str, str, int] | None:
+        found = super().reported_address()
+        if found is None and (port := _listening_port(self.pid)) is not None:
+            return "http", "127.0.0.1", port
+        return found
 
-    def healthz(self) -> dict[str, Any] | None:
-        try:
-            r = httpx.get(self.url + "/healthz", timeout=5.0)
-            return dict(r.json())
-        except (httpx.HTTPError, ValueError):
-            return None
+    def wait_ready(self, timeout: float = 30.0, status: int | None = None) -> None:
+        """Any answer to /healthz will do (the raw ceiling answers 202 to everything)."""
+        super().wait_ready(timeout, status)
 
     def stop(self, timeout: float = 120.0) -> int:
-        """SIGTERM (the graceful path: the product drains its buffer to disk) and wait."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+        """SIGTERM and wait (two minutes: a loaded product drains a large buffer to disk first)."""
+        return super().stop(timeout)
 
 
 def bench_config(port: int, data_dir: Path, key_file: Path) -> ConfigValues:
@@ -337,21 +287,23 @@ def default_config(port: int, data_dir: Path, key_file: Path) -> ConfigValues:
 
 def start_product(workdir: Path, *, values: ConfigValues | None = None, extra: ConfigValues | None = None,
                   env: dict[str, str] | None = None, name: str = "product") -> Server:
-    """`python -m telemetry_sink serve --config X` with the benchmark config (or `values`) + `extra`."""
+    """`python -m telemetry_sink serve --config X` with the benchmark config (or `values`) + `extra`,
+    on a port it picks and reports back."""
     from telemetry_sink.crypto import write_key_file
 
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    serial = next(_SERIAL)
     key_file = workdir / "sink.key"
     if not key_file.exists():
         write_key_file(key_file)
-    data_dir = workdir / f"data-{name}-{port}"
-    base = values if values is not None else bench_config(port, data_dir, key_file)
-    base = merge_config(base, {"server": {"port": port}, "writer": {"directory": str(data_dir)}})
-    config = write_config(workdir / f"config-{name}-{port}.ini", merge_config(base, extra))
+    data_dir = workdir / f"data-{name}-{serial}"
+    base = values if values is not None else bench_config(0, data_dir, key_file)
+    base = merge_config(base, {"server": {"port": 0}, "writer": {"directory": str(data_dir)}})
+    config = write_config(workdir / f"config-{name}-{serial}.ini", merge_config(base, extra))
+    # --log-level info: the "listening on" line is an info line; the access log stays off.
     server = Server(name, [sys.executable, "-m", "telemetry_sink", "serve", "--config", str(config),
-                           "--log-level", "warning"],
-                    port, workdir, env=env, config=config, data_dir=data_dir, key_file=key_file)
+                           "--log-level", "info"],
+                    workdir, env=env, config=config, data_dir=data_dir, key_file=key_file)
     server.wait_ready()
     return server
 
@@ -359,14 +311,13 @@ def start_product(workdir: Path, *, values: ConfigValues | None = None, extra: C
 def start_reference(kind: str, workdir: Path) -> Server:
     """`raw` (benchmarks/raw_asgi.py) or `naive` (benchmarks/naive_fastapi.py)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     if kind == "raw":
-        argv = [sys.executable, str(BENCH_DIR / "raw_asgi.py"), "--port", str(port)]
-        server = Server(kind, argv, port, workdir)
+        argv = [sys.executable, str(BENCH_DIR / "raw_asgi.py"), "--port", "0"]
+        server = Server(kind, argv, workdir)
     elif kind == "naive":
-        out = workdir / f"naive-{port}.log.enc"
-        argv = [sys.executable, str(BENCH_DIR / "naive_fastapi.py"), "--port", str(port), "--out", str(out)]
-        server = Server(kind, argv, port, workdir, data_dir=out)
+        out = workdir / f"naive-{next(_SERIAL)}.log.enc"
+        argv = [sys.executable, str(BENCH_DIR / "naive_fastapi.py"), "--port", "0", "--out", str(out)]
+        server = Server(kind, argv, workdir, data_dir=out)
     else:
         raise ValueError(kind)
     server.wait_ready()

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import uvicorn
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
+
+from telemetry_sink.testing import serve_reporting_port
 
 
 class Record(BaseModel):
@@ -50,13 +51,13 @@ def create_app(out: Path, key: bytes) -> FastAPI:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8082)
+    parser.add_argument("--port", type=int, default=0, help="0 (default): one the system picks, printed at start")
     parser.add_argument("--out", type=Path, default=Path("naive-telemetry.log"))
     parser.add_argument("--key-file", type=Path, help="Fernet key file (default: a new random key)")
     args = parser.parse_args()
     key = args.key_file.read_bytes().split()[0] if args.key_file else Fernet.generate_key()
-    uvicorn.run(create_app(args.out, key), host=args.host, port=args.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")
+    serve_reporting_port(create_app(args.out, key), "naive-fastapi", args.host, args.port, loop="uvloop",
+                         http="httptools", access_log=False, log_level="warning")
 
 
 if __name__ == "__main__":

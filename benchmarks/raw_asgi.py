@@ -3,7 +3,7 @@
 It reads the whole request body and answers 202 with a small JSON body; nothing else (no
 parsing, validation, rate limit, buffering, encryption or disk). Any path, any method.
 
-    python benchmarks/raw_asgi.py --port 8081
+    python benchmarks/raw_asgi.py --port 8081     (port 0, the default: one the system picks, printed at start)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import uvicorn
+from telemetry_sink.testing import serve_reporting_port
 
 Message = MutableMapping[str, Any]
 _START = {"type": "http.response.start", "status": 202, "headers": [(b"content-type", b"application/json")]}
@@ -36,10 +36,10 @@ async def app(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[M
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", lifespan="off",
-                access_log=False, log_level="warning")
+    serve_reporting_port(app, "raw-asgi", args.host, args.port, loop="uvloop", http="httptools", lifespan="off",
+                         access_log=False, log_level="warning")
 
 
 if __name__ == "__main__":

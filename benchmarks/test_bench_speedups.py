@@ -7,15 +7,15 @@ Self-contained on purpose (no tests/conftest.py); figures are recorded in docs/s
 from __future__ import annotations
 
 import base64
-import importlib
 import os
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import harness
 import pytest
 from cryptography.fernet import Fernet
+
+from telemetry_sink.testing import speedups_module
 
 SIGNING_KEY = os.urandom(16)
 ENCRYPTION_KEY = os.urandom(16)
@@ -24,16 +24,6 @@ FERNET = Fernet(base64.urlsafe_b64encode(SIGNING_KEY + ENCRYPTION_KEY))
 RECORD_SIZES = {"150B": 150, "1KiB": 1024}
 BATCH_SIZES = [1, 100, 1000]
 GATE_SPEEDUP = 3.0  # CI floor; the product target is 5x (see docs/speedups.md)
-
-
-def _module(impl: str) -> ModuleType:
-    """The named `_speedups` implementation; skip when the compiled one is not built."""
-    if impl == "pure-python":
-        return importlib.import_module("telemetry_sink._speedups_py")
-    try:
-        return importlib.import_module("telemetry_sink._speedups")
-    except ImportError as exc:
-        pytest.skip(f"compiled extension not built: {exc}")
 
 
 def _records(size: int, count: int) -> list[bytes]:
@@ -47,7 +37,7 @@ def _fernet_loop(records: list[bytes]) -> Callable[[], list[bytes]]:
 
 
 def _framer_call(impl: str, records: list[bytes]) -> Callable[[], bytes]:
-    framer = _module(impl).BatchFramer(SIGNING_KEY, ENCRYPTION_KEY)
+    framer = speedups_module(impl).BatchFramer(SIGNING_KEY, ENCRYPTION_KEY)
     return lambda: framer.frame(1, 1_700_000_000_000, records)
 
 
@@ -74,7 +64,7 @@ def test_frame(benchmark: Any, impl: str, size_name: str, batch: int) -> None:
 @pytest.mark.parametrize("impl", ["compiled", "pure-python"])
 def test_token_bucket_try_acquire(benchmark: Any, impl: str) -> None:
     # Huge capacity: every call takes the success path (refill, compare, subtract).
-    bucket = _module(impl).TokenBucket(1e9, 1e15, 0.0)
+    bucket = speedups_module(impl).TokenBucket(1e9, 1e15, 0.0)
     benchmark.group = "token bucket try_acquire"
     benchmark.extra_info["impl"] = impl
     assert benchmark(bucket.try_acquire, 1.0, 1.0) is True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -39,24 +38,33 @@ def test_bounded_by_bytes() -> None:
     assert buf.bytes == 100
 
 
+class FrozenClock:
+    """The buffer's clock, moved only by the test: linger windows without wall-clock asserts."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_full_batch_is_taken_at_once() -> None:
-    buf = BufferManager(100, 10**6)
+    buf = BufferManager(100, 10**6, clock=FrozenClock())  # linger never runs out: only a full batch is taken
     buf.put(recs(7), 70)
-    started = time.monotonic()
     batch = await asyncio.wait_for(one_batch(buf, 5, 60), 5)
     assert batch == recs(7)[:5]
-    assert time.monotonic() - started < 1
     assert buf.queued == 2 and buf.records == 7  # taken but not yet stored still counts
 
 
 async def test_partial_batch_waits_for_linger() -> None:
-    buf = BufferManager(100, 10**6)
+    clock = FrozenClock()
+    buf = BufferManager(100, 10**6, clock=clock)
     buf.put(recs(2), 20)
-    started = time.monotonic()
-    batch = await asyncio.wait_for(one_batch(buf, 10, 0.2), 5)
-    elapsed = time.monotonic() - started
-    assert batch == recs(2)
-    assert 0.15 <= elapsed < 2
+    task = asyncio.create_task(one_batch(buf, 10, 0.2))
+    await asyncio.sleep(0.5)  # longer than the linger in real time: the buffer's clock decides, not the timer
+    assert not task.done()
+    clock.now = 0.2
+    assert await asyncio.wait_for(task, 5) == recs(2)
 
 
 async def test_waiting_writer_wakes_when_batch_fills() -> None:
@@ -92,14 +100,12 @@ async def test_stored_frees_room_and_resolves_acks_in_order() -> None:
 
 
 async def test_requeue_puts_batch_back_in_front_and_flushes_without_linger() -> None:
-    buf = BufferManager(10, 10**6)
+    buf = BufferManager(10, 10**6, clock=FrozenClock())
     buf.put([b"a", b"b", b"c"], 3)
     batch = await one_batch(buf, 2, 0)
     buf.requeue(batch)
     assert buf.records == 3
-    started = time.monotonic()
-    assert await one_batch(buf, 5, 60) == [b"a", b"b", b"c"]
-    assert time.monotonic() - started < 1
+    assert await asyncio.wait_for(one_batch(buf, 5, 60), 5) == [b"a", b"b", b"c"]  # the clock never reaches 60
 
 
 async def test_fail_acks_fails_every_waiter() -> None:

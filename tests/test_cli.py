@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 from telemetry_sink import __version__, segment_format, speedups
 from telemetry_sink.cli import build_parser
 from telemetry_sink.crypto import CryptoService, generate_key, write_key_file
+from telemetry_sink.testing import clean_env
 
 Record = dict[str, Any]
 CREATED_MS = 1_700_000_000_000
@@ -250,7 +251,7 @@ def test_read_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     write_log(data, CryptoService([key.decode()], "test"), [[records("x", 500, start=500 * b) for b in range(8)]])
     proc = subprocess.Popen(
         [sys.executable, "-m", "telemetry_sink", "read", str(data)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TELEMETRY_SINK_KEY": key.decode()},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env({"TELEMETRY_SINK_KEY": key.decode()}),
     )
     assert proc.stdout is not None and proc.stderr is not None
     first = proc.stdout.readline()
@@ -278,12 +279,10 @@ def test_read_follow_prints_records_as_a_live_server_writes_them(
 ) -> None:
     server = start_server({"writer": {"flush_interval_ms": 10, "max_segment_bytes": 2000}})
     assert server.post(orjson.dumps({"node_id": "before", "ts": 1})).status_code == 202
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")
-           or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
     follower = subprocess.Popen(
         [sys.executable, "-m", "telemetry_sink", "read", "--follow", "--poll-interval", "0.05",
          "--config", str(server.config_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
     )
     assert follower.stdout is not None and follower.stderr is not None
     lines: queue.Queue[bytes] = queue.Queue()

@@ -64,7 +64,11 @@ def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path,
     startup = [line for line in lines if line.get("event") == "startup"]
     assert len(startup) == 1, lines
     config = startup[0]["config"]
-    assert config["server"]["port"] == server.port
+    assert config["server"]["port"] == 0  # as configured: the system picked the port, the "listening" line says it
+    listening = [line for line in lines if line.get("event") == "listening"]
+    assert len(listening) == 1, lines
+    assert (listening[0]["host"], listening[0]["port"]) == ("127.0.0.1", server.port)
+    assert lines.index(listening[0]) < lines.index(next(line for line in lines if line.get("event") == "ready"))
     assert config["buffer"]["high_water_percent"] == 77
     assert config["writer"]["max_segment_bytes"] == 600
     assert config["writer"]["directory"] == str(tmp_path / "data")
@@ -98,6 +102,7 @@ def test_text_logs_are_not_json(key_file: Path, start_server: Callable[..., Serv
     assert rc in GRACEFUL_EXIT, server.stderr()
     text = server.stderr()
     assert "starting: speedups" in text and "shutdown complete" in text
+    assert f"telemetry-sink listening on http://127.0.0.1:{server.port}\n" in text
     for line in text.splitlines():
         assert not line.lstrip().startswith("{"), line
     assert key_file.read_text().strip() not in text

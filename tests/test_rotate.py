@@ -17,6 +17,7 @@ from telemetry_sink import segment_format
 from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.rotate import rotate_directory
 from telemetry_sink.segment_writer import SegmentWriter
+from telemetry_sink.testing import clean_env
 
 
 def tokens(directory: Path) -> list[tuple[int, bytes]]:
@@ -65,7 +66,7 @@ def test_rotate_key_killed_midway_leaves_every_segment_readable(rotated_setup: t
                                                                 tmp_path: Path) -> None:
     config, data, old, new = rotated_setup
     expected = sorted(Fernet(old).decrypt(t) for _, t in tokens(data))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")}
+    env = clean_env()
     interrupted = 0
     for delay in (0.15, 0.3, 0.45, 0.6, 0.8):  # different points of the run
         proc = subprocess.Popen([sys.executable, "-m", "telemetry_sink", "rotate-key", "--config", str(config)],

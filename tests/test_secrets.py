@@ -5,11 +5,7 @@ repr and exceptions. Every output is grepped for the key and for its halves in s
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import subprocess
-import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +13,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, free_port, run_cli, write_config
+from conftest import ServerProcess, run_cli, write_config
 
 from telemetry_sink.crypto import CryptoService, InvalidToken, KeyConfigError, generate_key, write_key_file
 
@@ -99,39 +95,21 @@ def test_text_log_server(start_server: StartServer, key_file: Path, key: str, tm
 
 def test_json_log_server_with_key_from_the_environment(tmp_path: Path, key: str) -> None:
     # No key file at all: the key comes from TELEMETRY_SINK_KEY, which the start-up config must not show.
-    port = free_port()
     config = write_config(tmp_path / "env-key.ini", {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 10},
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 10},
         "ingest": {"max_body_bytes": 8192},
         "writer": {"directory": str(tmp_path / "data-env"), "flush_interval_ms": 20},
         "crypto": {"key_file": str(tmp_path / "absent.key")},
     })
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")
-           or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
-    env["TELEMETRY_SINK_KEY"] = key
     out_path, err_path = tmp_path / "json.out", tmp_path / "json.err"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "telemetry_sink", "serve", "--config", str(config),
-                                 "--log-format", "json", "--access-log"], stdout=out, stderr=err, env=env)
+    server = ServerProcess.serve(config, out_path, args=("--log-format", "json", "--access-log"),
+                                 env={"TELEMETRY_SINK_KEY": key}, stderr_path=err_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, err_path.read_text()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.05)
-        exercise(url, key)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) in GRACEFUL_EXIT
+        server.wait_ready()
+        exercise(server.url, key)
+        assert server.stop() in GRACEFUL_EXIT
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.close()
     stderr = err_path.read_text()
     lines = [orjson.loads(line) for line in stderr.splitlines()]
     assert any(line.get("event") == "startup" for line in lines)

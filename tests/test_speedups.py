@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import gc
-import importlib
 import json
 import math
 import os
@@ -27,22 +26,11 @@ from telemetry_sink.segment_format import (
     frame_batch,
     iter_batches,
 )
+from telemetry_sink.testing import compiled_speedups, speedups_module
 
 SIGNING_KEY = bytes(range(16))
 ENCRYPTION_KEY = bytes(range(100, 116))
 FERNET = Fernet(base64.urlsafe_b64encode(SIGNING_KEY + ENCRYPTION_KEY))
-
-
-def _compiled() -> ModuleType:
-    """The compiled module, or skip the test when it is not built."""
-    try:
-        return importlib.import_module("telemetry_sink._speedups")
-    except ImportError as exc:
-        pytest.skip(f"compiled extension not built: {exc}")
-
-
-def _twin() -> ModuleType:
-    return importlib.import_module("telemetry_sink._speedups_py")
 
 
 def _parse(batch: bytes) -> Batch:
@@ -184,7 +172,7 @@ def test_bucket_reserve_rejection_takes_nothing(speedups_impl: ModuleType) -> No
 
 def test_bucket_twins_agree_exactly() -> None:
     """Same script, same floats (bit for bit) from both implementations."""
-    compiled, twin = _compiled(), _twin()
+    compiled, twin = compiled_speedups(), speedups_module("pure-python")
     a = compiled.TokenBucket(3.7, 11.3, 0.1)
     b = twin.TokenBucket(3.7, 11.3, 0.1)
     now = 0.1
@@ -379,7 +367,7 @@ def test_shared_framer_misuse_is_safe(speedups_impl: ModuleType) -> None:
 
 def test_compiled_and_twin_same_structure() -> None:
     """Same input: same header fields and token lengths, and both decrypt to the input."""
-    compiled, twin = _compiled(), _twin()
+    compiled, twin = compiled_speedups(), speedups_module("pure-python")
     records = [*RECORDS, *(os.urandom(n) for n in range(0, 100))]
     a = _parse(compiled.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame(9, 86_400_123, records))
     b = _parse(twin.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame(9, 86_400_123, records))
@@ -399,7 +387,7 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc/self/statm (Linux)")
 def test_compiled_framer_memory_is_flat() -> None:
     """~1M records through one framer (and 50k tiny batches) must not grow RSS: no C leaks."""
-    compiled = _compiled()
+    compiled = compiled_speedups()
     framer = compiled.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY)
     records = [os.urandom(150) for _ in range(1000)]
     one = [records[0]]
@@ -425,7 +413,7 @@ def test_compiled_framer_memory_is_flat() -> None:
 
 
 def test_compiled_framer_without_init_refuses() -> None:
-    compiled = _compiled()
+    compiled = compiled_speedups()
     framer = compiled.BatchFramer.__new__(compiled.BatchFramer)
     with pytest.raises(RuntimeError, match="__init__"):
         framer.frame(0, 0, [b"x"])

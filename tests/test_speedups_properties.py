@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import random
 import zlib
 from types import ModuleType
 
-import pytest
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from telemetry_sink.segment_format import BATCH_HEADER, BATCH_HEADER_SIZE, FILE_HEADER_BYTES, Batch, iter_batches
+from telemetry_sink.testing import compiled_speedups, speedups_module
 
 SIGNING_KEY = bytes(range(16))
 ENCRYPTION_KEY = bytes(range(200, 216))
@@ -51,13 +50,6 @@ def record_lists(draw: st.DrawFn) -> list[bytes]:
     return records
 
 
-def _compiled() -> ModuleType:
-    try:
-        return importlib.import_module("telemetry_sink._speedups")
-    except ImportError as exc:
-        pytest.skip(f"compiled extension not built: {exc}")
-
-
 def _parse(batch: bytes) -> Batch:
     found = list(iter_batches(FILE_HEADER_BYTES + batch))
     assert len(found) == 1 and isinstance(found[0], Batch), found
@@ -83,8 +75,8 @@ def test_frame_round_trips(speedups_impl: ModuleType, records: list[bytes], firs
 @given(records=record_lists(), first_seq=st.integers(0, 2**64 - 1), created_ms=st.integers(0, 2**64 - 1))
 def test_twins_parse_identically(records: list[bytes], first_seq: int, created_ms: int) -> None:
     """Compiled and twin agree on everything except the random IVs (and so ciphertext and MAC)."""
-    compiled = _compiled()
-    twin = importlib.import_module("telemetry_sink._speedups_py")
+    compiled = compiled_speedups()
+    twin = speedups_module("pure-python")
     a = _parse(compiled.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame(first_seq, created_ms, records))
     b = _parse(twin.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame(first_seq, created_ms, records))
     assert (a.first_seq, a.count, a.created_ms, a.end) == (b.first_seq, b.count, b.created_ms, b.end)
@@ -112,8 +104,8 @@ ops = st.lists(
 def test_token_buckets_agree_bit_for_bit(
     rate: float, capacity: float, start: float, script: list[tuple[str, float, float, float]]
 ) -> None:
-    compiled = _compiled()
-    twin = importlib.import_module("telemetry_sink._speedups_py")
+    compiled = compiled_speedups()
+    twin = speedups_module("pure-python")
     a = compiled.TokenBucket(rate, capacity, start)
     b = twin.TokenBucket(rate, capacity, start)
     for name, n, now, max_wait in script:
