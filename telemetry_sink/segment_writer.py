@@ -7,9 +7,12 @@ loop never blocks on the disk, and batches stay in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +102,35 @@ def recover_series(directory: Path, series: str) -> Recovery:
     return Recovery(newest, next_seq, size - cut_at, first_created_ms)
 
 
+def _create_segment(path: Path) -> int:
+    """Create `path` holding just the file header, durably, and return its fd (O_APPEND).
+
+    On failure (a full disk at roll-over) no fd is left open and no header-only file is left
+    behind to make every retry fail with FileExistsError. Should the unlink fail as well, the
+    retry finds that header-only file (nothing of ours is in it) and starts it over.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = os.open(path, flags)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > segment_format.FILE_HEADER_SIZE:
+            os.close(fd)
+            raise FileExistsError(errno.EEXIST, "a segment with this name already holds data", str(path)) from None
+        os.ftruncate(fd, 0)
+    try:
+        write_all(fd, segment_format.FILE_HEADER_BYTES)
+        os.fsync(fd)
+        fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return fd
+
+
 class SegmentWriter:
     """Appends encrypted batches to the segment series it claims in `directory`."""
 
@@ -178,26 +210,27 @@ class SegmentWriter:
         return recovery
 
     def _open_segment(self, path: Path, create: bool) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
         if create:
-            write_all(fd, segment_format.FILE_HEADER_BYTES)
-            os.fsync(fd)
-            fsync_dir(path.parent)
+            fd = _create_segment(path)
             log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         self._fd, self._segment = fd, path
         self._size = os.fstat(fd).st_size
         self._segment_born = time.time()
 
     def _seal(self) -> None:
+        """Fsync and close the active segment; the fd is closed even when the fsync fails."""
         if self._fd is None:
             return
-        os.fsync(self._fd)
-        os.close(self._fd)
-        name = self._segment.name if self._segment else "?"
+        fd, name = self._fd, self._segment.name if self._segment else "?"
+        self._fd, self._segment, self._dirty = None, None, False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         log.info("sealed segment %s (%d bytes)", name, self._size,
                  extra={"event": "segment_sealed", "segment": name, "bytes": self._size})
-        self._fd, self._segment, self._dirty = None, None, False
 
     def close(self) -> None:
         """Fsync and close the active segment and release the series lock."""
@@ -226,24 +259,29 @@ class SegmentWriter:
         if self._fd is None:
             self._open_segment(self.directory / segment_format.segment_name(self.series, self.next_seq), create=True)
         assert self._fd is not None
+        due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
         try:
             write_all(self._fd, data)
+            self._dirty = True
+            if self.durable or self.fsync_policy == "batch" or due:
+                self._fsync()
         except OSError:
+            # Not stored (or not durably): cut it off, so the retry cannot store it twice.
             self._undo_partial_write()
             raise
         self._size += len(data)
-        self._dirty = True
         self.next_seq = seq
         if self.metrics is not None:
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             for records in batches:
                 self.metrics.batch_records.observe(len(records))
-        due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
-        if self.durable or self.fsync_policy == "batch" or due:
-            self._fsync()
         if self._size >= self.max_segment_bytes:
-            self._seal()
-            self._apply_retention()
+            # The batch is stored: a failure from here on must not make it be written again.
+            try:
+                self._seal()
+                self._apply_retention()
+            except OSError as exc:
+                log.error("after a write to %s: sealing or retention failed: %s", self.directory, exc)
         self.stats.batches += len(batches)
         self.stats.records += sum(map(len, batches))
         self.stats.bytes += len(data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import random
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, run_cli, write_log
+from conftest import ServerProcess, run_cli, wait_for, write_log
 
 from telemetry_sink import segment_format, segment_writer
 from telemetry_sink.buffer import BufferManager
@@ -292,3 +293,70 @@ def test_corruption_in_a_sealed_segment_verify_names_it_read_skips_it_strict_fai
     strict = run_cli("read", "--strict", "--key-file", str(key_file), str(data))
     assert strict.returncode == 2
     assert b"--strict" in strict.stderr
+
+
+def data_fds(pid: int, data: Path) -> list[str]:
+    """What the server process has open inside `data` (a leaked fd shows up here)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(str(data)):
+                out.append(target)
+    return sorted(out)
+
+
+def write_errors(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("telemetry_sink_write_errors")))
+
+
+@pytest.mark.parametrize("ack", ["durable", "buffered"])
+def test_disk_full_at_segment_roll_over_leaves_no_empty_segment_and_resumes(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path, ack: str) -> None:
+    """The new segment's header cannot be written: no header-only file wedges the retries with
+    FileExistsError, no fd leaks, writing resumes once space returns, and a graceful stop
+    writes every acknowledged record (the one 202'd while the disk was full, too)."""
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        data = disk / "data"
+        server = start_server({"ingest": {"ack": ack},
+                               "writer": {"directory": str(data), "fsync": "batch", "max_segment_bytes": 1500}})
+        acked: set[str] = set()
+        for i in range(200):  # until the active segment is sealed: the next write must create one
+            r = server.post(orjson.dumps({"node_id": "n", "id": f"before-{i}"}))
+            assert r.status_code == 202
+            acked.add(f"before-{i}")
+            wait_for(lambda n=i + 1: httpx.get(server.url + "/healthz", timeout=5).json()["records_written"] >= n,
+                     what="the record on disk")
+            if "sealed segment" in server.log():
+                break
+        segments_before = segment_format.list_segments(data)
+        assert data_fds(server.proc.pid, data) == [str(data / "w0.lock")]  # sealed, none open yet
+        filler = fill(disk)
+        if ack == "buffered":
+            r = server.post(orjson.dumps({"node_id": "n", "id": "while-full"}))
+            assert r.status_code == 202  # buffered: acknowledged, so it must reach the disk later
+            acked.add("while-full")
+        else:
+            r = post_until(server, 507, acked)
+            assert r.json()["error"] == "insufficient_storage"
+        def attempts() -> bool:
+            if ack == "durable":  # the writer holds nothing: each attempt is a request's
+                assert server.post(orjson.dumps({"node_id": "n", "id": "refused"})).status_code in (503, 507)
+            return write_errors(server) >= 3
+
+        wait_for(attempts, what="three failed attempts to open a segment")
+        health = httpx.get(server.url + "/healthz", timeout=5).json()
+        assert "No space left on device" in health["last_write_error"]
+        assert "File exists" not in server.log()
+        assert segment_format.list_segments(data) == segments_before  # no empty segment left behind
+        assert data_fds(server.proc.pid, data) == [str(data / "w0.lock")]  # no fd leaked by the attempts
+        filler.unlink()  # space returns: writing resumes without a restart
+        post_until(server, 202, acked)
+        fds = data_fds(server.proc.pid, data)
+        assert len(fds) == 2 and fds[0].endswith(segment_format.SEGMENT_SUFFIX) and "deleted" not in fds[0]
+        assert server.stop() in (0, -signal.SIGTERM)
+        assert "shutdown complete" in server.log() and "were not written" not in server.log()
+        ids = stored_ids(data, key_file)
+        assert acked <= set(ids) and len(ids) == len(set(ids))
+        assert run_cli("verify", str(data)).returncode == 0

@@ -332,3 +332,45 @@ async def test_a_backlog_goes_to_the_writer_thread_several_batches_at_a_time(tmp
         counts = [b.count for b in seg.batches() if isinstance(b, segment_format.Batch)]
     assert counts == [10] * 10  # still batch_size records a batch, in order
     assert read_all(tmp_path, crypto) == list(enumerate(records))
+
+
+async def test_a_header_only_leftover_at_roll_over_is_started_over_not_fatal(tmp_path: Path,
+                                                                           crypto: CryptoService) -> None:
+    """Should a failed roll-over's unlink fail too, the retry reuses the file instead of FileExistsError."""
+    writer = make_writer(tmp_path, crypto, max_segment_bytes=300)
+    writer.open()
+    await write_records(writer, [b"x" * 200])  # one batch seals the first segment
+    assert writer._fd is None
+    leftover = tmp_path / segment_format.segment_name("w0", writer.next_seq)
+    leftover.write_bytes(segment_format.FILE_HEADER_BYTES[:7])
+    await write_records(writer, [b"after"])
+    writer.close()
+    assert [r for _, r in read_all(tmp_path, crypto)] == [b"x" * 200, b"after"]
+
+
+async def test_a_segment_with_data_is_never_overwritten_at_roll_over(tmp_path: Path, crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto, max_segment_bytes=300)
+    writer.open()
+    await write_records(writer, [b"x" * 200])
+    squatter = tmp_path / segment_format.segment_name("w0", writer.next_seq)
+    squatter.write_bytes(b"someone else's data")
+    with pytest.raises(FileExistsError, match="already holds data"):
+        writer._write_batches([[b"after"]])
+    assert squatter.read_bytes() == b"someone else's data"
+    assert writer._fd is None
+    writer.close()
+
+
+async def test_a_failure_after_the_batch_is_stored_does_not_write_it_twice(
+        tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention failing after a seal (a segment deleted by hand meanwhile) used to requeue a stored batch."""
+    writer = make_writer(tmp_path, crypto, max_segment_bytes=300, retention_bytes=1)
+
+    def vanished() -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    writer.open()
+    monkeypatch.setattr(writer, "_apply_retention", vanished)
+    await write_records(writer, [b"x" * 200, b"y" * 200], one_write_each=True)
+    writer.close()
+    assert [r for _, r in read_all(tmp_path, crypto)] == [b"x" * 200, b"y" * 200]
