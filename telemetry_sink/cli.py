@@ -19,7 +19,7 @@ from .auth import AuthConfigError
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, KeyConfigError, write_key_file
 from .reader import DamageError, Follower, NoSegmentsError, RecordFilter, parse_time, segment_paths, verify_segments
-from .segment_writer import WriterLockedError
+from .segment_writer import WriterStartError
 from .serve import ServeError
 
 CONFIG_ENV = "TELEMETRY_SINK_CONFIG"
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, KeyConfigError, CliError, WriterLockedError, AuthConfigError, ServeError, DamageError,
+    except (ConfigError, KeyConfigError, CliError, WriterStartError, AuthConfigError, ServeError, DamageError,
             NoSegmentsError) as exc:
         print(f"telemetry-sink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

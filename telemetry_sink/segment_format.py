@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,9 @@ BODY_HEADER_SIZE = BODY_HEADER.size  # 20
 TOKEN_LEN = struct.Struct(">I")
 
 SEGMENT_SUFFIX = ".tslog"
+# What segment_name makes; a foreign *.tslog name is read by the reader but is no series' segment.
+_SEGMENT_NAME = re.compile(r"(.+)-([0-9]{20})" + re.escape(SEGMENT_SUFFIX))
+MAX_SEQ = (1 << 64) - 1  # sequence numbers are unsigned 64-bit (BODY_HEADER)
 # A batch body larger than this is treated as corrupt: no writer frames one that big
 # (max_body_bytes bounds a request, batch_size bounds a batch), and it keeps a damaged
 # length field from making the reader allocate gigabytes.
@@ -177,13 +181,17 @@ def iter_batches(buf: bytes | mmap.mmap, start: int = FILE_HEADER_SIZE) -> Itera
 
 
 class SegmentImage:
-    """A read-only, memory-mapped view of one segment file (header already checked)."""
+    """A read-only, memory-mapped view of one segment file (header already checked).
 
-    def __init__(self, path: Path) -> None:
+    With `fd`, the image maps that already-open file (start-up recovery opens it with O_NOFOLLOW)
+    and leaves closing it to the caller.
+    """
+
+    def __init__(self, path: Path, fd: int | None = None) -> None:
         self.path = path
-        with open(path, "rb") as f:
+        with open(path, "rb") if fd is None else os.fdopen(fd, "rb", closefd=False) as f:
             self.size = os.fstat(f.fileno()).st_size
-            check_file_header(f.read(FILE_HEADER_SIZE))
+            check_file_header(os.pread(f.fileno(), FILE_HEADER_SIZE, 0))
             self._map: bytes | mmap.mmap = (
                 mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 if self.size > FILE_HEADER_SIZE
@@ -219,14 +227,21 @@ def segment_name(series: str, first_seq: int) -> str:
 
 
 def parse_segment_name(path: Path) -> tuple[str, int]:
-    """(series, first_seq) from a name made by `segment_name`."""
-    series, _, seq = path.name[: -len(SEGMENT_SUFFIX)].rpartition("-")
-    return series, int(seq)
+    """(series, first_seq) from a name made by `segment_name`; ValueError for any other name."""
+    match = _SEGMENT_NAME.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path.name} is not named <series>-<20-digit first sequence number>{SEGMENT_SUFFIX}")
+    return match[1], int(match[2])
 
 
 def series_segments(directory: Path, series: str) -> list[Path]:
-    """The segments of one series, in write order."""
-    return [p for p in list_segments(directory) if parse_segment_name(p)[0] == series]
+    """The segments of one series, in write order (foreign names are no series' segments)."""
+    out = []
+    for path in list_segments(directory):
+        match = _SEGMENT_NAME.fullmatch(path.name)
+        if match is not None and match[1] == series:
+            out.append(path)
+    return out
 
 
 def write_all(fd: int, data: bytes) -> None:

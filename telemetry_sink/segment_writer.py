@@ -23,7 +23,17 @@ from .buffer import BufferManager
 from .config import FSYNC_POLICIES
 from .crypto import CryptoService
 from .metrics import WriterMetrics
-from .segment_format import fsync_dir, write_all
+from .segment_format import MAX_SEQ, fsync_dir, write_all
+from .segment_recovery import (
+    Recovery,
+    WriterLockedError,
+    WriterStartError,
+    check_directory,
+    open_nofollow,
+    recover_series,
+)
+
+__all__ = ["Recovery", "SegmentWriter", "SequenceExhausted", "WriterLockedError", "WriterStartError"]
 
 log = logging.getLogger("telemetry_sink.writer")
 
@@ -33,8 +43,8 @@ MAX_BATCHES_PER_WRITE = 8
 _BACKOFF_MAX_S = 2.0
 
 
-class WriterLockedError(RuntimeError):
-    """Every segment series in the directory is held by another running writer."""
+class SequenceExhausted(RuntimeError):
+    """The series has used every 64-bit sequence number: the writer cannot continue."""
 
 
 @dataclass(slots=True)
@@ -49,57 +59,6 @@ class WriterStats:
     last_error: str | None = None  # set while writes are failing, cleared by the next success
     last_errno: int | None = None
     retry_at: float = 0.0  # time.monotonic() of the next write attempt after a failure
-
-
-@dataclass(frozen=True, slots=True)
-class Recovery:
-    """What start-up found at the end of the newest segment of this writer's series."""
-
-    segment: Path | None
-    next_seq: int
-    cut_bytes: int
-    first_created_ms: int | None = None
-
-
-def recover_series(directory: Path, series: str) -> Recovery:
-    """Cut a torn batch off the newest segment of `series` and find the next sequence number."""
-    segments = segment_format.series_segments(directory, series)
-    if not segments:
-        return Recovery(None, 0, 0)
-    newest = segments[-1]
-    name_seq = segment_format.parse_segment_name(newest)[1]
-    size = newest.stat().st_size
-    if size < segment_format.FILE_HEADER_SIZE:
-        # Torn while being created: nothing but (part of) a header was ever written.
-        with open(newest, "r+b") as f:
-            f.truncate(0)
-            f.write(segment_format.FILE_HEADER_BYTES)
-            os.fsync(f.fileno())
-        log.warning("segment %s had a torn header; rewrote it (%d bytes cut)", newest, size)
-        return Recovery(newest, name_seq, size)
-    next_seq = name_seq
-    cut_at: int | None = None
-    first_created_ms: int | None = None
-    with segment_format.SegmentImage(newest) as image:
-        for item in image.batches():
-            if isinstance(item, segment_format.Batch):
-                next_seq = item.next_seq
-                if first_created_ms is None:
-                    first_created_ms = item.created_ms
-            elif item.kind == "torn":
-                cut_at = item.offset
-            else:
-                log.warning("segment %s: corrupt bytes %d..%d left in place (%s)", newest, item.offset,
-                            item.end, item.detail)
-    if cut_at is None:
-        return Recovery(newest, next_seq, 0, first_created_ms)
-    with open(newest, "r+b") as f:
-        f.truncate(cut_at)
-        os.fsync(f.fileno())
-    log.warning("segment %s ended in a torn batch: cut %d bytes at offset %d; next sequence number %d",
-                newest, size - cut_at, cut_at, next_seq,
-                extra={"event": "torn_tail_cut", "segment": newest.name, "bytes": size - cut_at})
-    return Recovery(newest, next_seq, size - cut_at, first_created_ms)
 
 
 def _create_segment(path: Path) -> int:
@@ -189,7 +148,7 @@ class SegmentWriter:
         # still drains (uvicorn's restart on SIGHUP) takes a spare series instead of failing.
         for slot in range(self.workers if self.workers == 1 else 2 * self.workers):
             series = f"w{slot}"
-            fd = os.open(self.directory / f"{series}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.directory / f"{series}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -201,6 +160,11 @@ class SegmentWriter:
             raise WriterLockedError(
                 f"{self.directory}: every segment series is locked by another running writer"
             )
+        foreign = check_directory(self.directory)
+        if foreign:
+            log.warning("ignoring %d file(s) in %s not named as segments are (<series>-<20 digits>.tslog): %s",
+                        len(foreign), self.directory, ", ".join(p.name for p in foreign[:5]),
+                        extra={"event": "foreign_segment_names", "files": [p.name for p in foreign]})
         recovery = recover_series(self.directory, self.series)
         self.next_seq = recovery.next_seq
         if recovery.segment is not None and recovery.segment.stat().st_size < self.max_segment_bytes:
@@ -249,6 +213,8 @@ class SegmentWriter:
         now = time.time()
         created_ms = int(now * 1000)
         seq = self.next_seq
+        if seq + sum(map(len, batches)) - 1 > MAX_SEQ:
+            raise SequenceExhausted(f"series {self.series} has used every sequence number up to {MAX_SEQ}")
         frames = []
         for records in batches:
             frames.append(self._framer.frame(seq, created_ms, records))
@@ -357,23 +323,10 @@ class SegmentWriter:
                     return
                 try:
                     await loop.run_in_executor(self._executor, self._write_batches, batches)
-                except OSError as exc:
-                    self.stats.write_errors += 1
-                    self.stats.last_errno = exc.errno
-                    self.stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
-                    self.stats.retry_at = time.monotonic() + backoff
-                    records = [r for batch in batches for r in batch]
-                    if self.durable:
-                        # Nobody got a 202 for these: fail their requests rather than retry.
-                        log.error("write of %d records failed (%s); failing their requests", len(records),
-                                  self.stats.last_error, extra={"event": "write_error"})
-                        for batch in batches:
-                            buffer.discard(batch, exc)
-                    else:
-                        # These were acknowledged: keep them and retry until the disk recovers.
-                        log.error("write of %d records failed (%s); retrying in %.2fs", len(records),
-                                  self.stats.last_error, backoff, extra={"event": "write_error"})
-                        buffer.requeue(records)
+                except SequenceExhausted:
+                    raise  # nothing can be written any more: the service stops taking requests
+                except Exception as exc:
+                    self._failed(exc, batches, buffer, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX_S)
                     continue
@@ -386,6 +339,34 @@ class SegmentWriter:
         finally:
             ticker.cancel()
             await loop.run_in_executor(self._executor, self._seal_quietly)
+
+    def _failed(self, exc: Exception, batches: list[list[bytes]], buffer: BufferManager, backoff: float) -> None:
+        """A write failed: note it (ingest refuses while it stands), then fail or requeue the batches."""
+        stats = self.stats
+        stats.write_errors += 1
+        if isinstance(exc, OSError):
+            stats.last_errno = exc.errno
+            stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
+        else:
+            # Not the disk: a bug or an impossible state. Handled the same way (nothing acknowledged
+            # is dropped), but with its traceback, since no operator action fixes it.
+            if stats.last_error is None or stats.last_errno is not None:
+                log.exception("unexpected error in the writer", exc_info=exc)
+            stats.last_errno = None
+            stats.last_error = f"{exc.__class__.__name__}: {exc}"
+        stats.retry_at = time.monotonic() + backoff
+        records = [r for batch in batches for r in batch]
+        if self.durable:
+            # Nobody got a 202 for these: fail their requests rather than retry.
+            log.error("write of %d records failed (%s); failing their requests", len(records),
+                      stats.last_error, extra={"event": "write_error"})
+            for batch in batches:
+                buffer.discard(batch, exc)
+        else:
+            # These were acknowledged: keep them and retry until the disk recovers.
+            log.error("write of %d records failed (%s); retrying in %.2fs", len(records),
+                      stats.last_error, backoff, extra={"event": "write_error"})
+            buffer.requeue(records)
 
     def _seal_quietly(self) -> None:
         try:
@@ -403,3 +384,5 @@ class SegmentWriter:
                 await loop.run_in_executor(self._executor, self._housekeeping)
             except OSError as exc:
                 log.error("housekeeping in %s failed: %s", self.directory, exc)
+            except Exception:
+                log.exception("housekeeping in %s failed", self.directory)

@@ -360,3 +360,37 @@ def test_disk_full_at_segment_roll_over_leaves_no_empty_segment_and_resumes(
         ids = stored_ids(data, key_file)
         assert acked <= set(ids) and len(ids) == len(set(ids))
         assert run_cli("verify", str(data)).returncode == 0
+
+
+@pytest.mark.parametrize("ack", ["buffered", "durable"])
+def test_a_writer_that_cannot_continue_says_so_refuses_requests_and_reports_the_loss(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path, ack: str) -> None:
+    """Sequence numbers run out (a segment named two short of 2**64 - 1): the writer stops for good.
+    The server logs it loudly, /healthz and /readyz say so, every later request is refused with
+    503 (never a 202 it cannot store), and the shutdown summary counts the acknowledged loss."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / segment_format.segment_name("w0", segment_format.MAX_SEQ - 1)).write_bytes(
+        segment_format.FILE_HEADER_BYTES)
+    server = start_server({"ingest": {"ack": ack}, "writer": {"directory": str(data)}})
+    for i in range(2):  # the last two sequence numbers
+        assert server.post(orjson.dumps({"node_id": "n", "id": f"fits-{i}"})).status_code == 202
+        wait_for(lambda n=i + 1: httpx.get(server.url + "/healthz", timeout=5).json()["records_written"] == n,
+                 what="the record on disk")
+    r = server.post(orjson.dumps({"node_id": "n", "id": "one-too-many"}))
+    assert r.status_code == (202 if ack == "buffered" else 503)  # buffered: acknowledged before the write
+    health = wait_for(lambda: (h := httpx.get(server.url + "/healthz", timeout=5)).status_code == 503 and h,
+                      what="/healthz to report the writer stopped")
+    assert health.json()["status"] == "writer_stopped"
+    assert "SequenceExhausted" in health.json()["last_write_error"]
+    ready = httpx.get(server.url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and "the writer is not running" in ready.json()["reasons"]
+    for _ in range(3):
+        refused = server.post(orjson.dumps({"node_id": "n", "id": "after"}))
+        assert refused.status_code == 503 and refused.json()["error"] == "write_failed"
+        assert "the writer stopped" in refused.json()["detail"]
+    assert "CRITICAL" in server.log() and "the writer stopped and cannot continue" in server.log()
+    server.stop()
+    lost = 1 if ack == "buffered" else 0
+    assert f"{lost} acknowledged records lost" in server.log()
+    assert [seq for seq, _ in read_log(data, key_file)] == [segment_format.MAX_SEQ - 1, segment_format.MAX_SEQ]

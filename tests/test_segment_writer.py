@@ -374,3 +374,31 @@ async def test_a_failure_after_the_batch_is_stored_does_not_write_it_twice(
     await write_records(writer, [b"x" * 200, b"y" * 200], one_write_each=True)
     writer.close()
     assert [r for _, r in read_all(tmp_path, crypto)] == [b"x" * 200, b"y" * 200]
+
+
+async def test_an_unexpected_error_is_retried_like_a_disk_error_and_loses_nothing(
+        tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not an OSError (a bug, say): it used to kill the writer task silently with records buffered."""
+    writer = make_writer(tmp_path, crypto, batch_size=4)
+    writer.open()
+    failures = {"left": 2}
+
+    class FlakyFramer:
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def frame(self, seq: int, created_ms: int, records: list[bytes]) -> bytes:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise ValueError("a bug in framing")
+            return bytes(self.real.frame(seq, created_ms, records))
+
+    monkeypatch.setattr(writer, "_framer", FlakyFramer(writer._framer))
+    records = [b"rec%d" % i for i in range(8)]
+    with caplog.at_level(logging.ERROR, "telemetry_sink.writer"):
+        await write_records(writer, records, per_put=4)
+    writer.close()
+    assert writer.stats.write_errors == 2 and writer.stats.last_error is None
+    assert read_all(tmp_path, crypto) == list(enumerate(records))
+    assert sum("Traceback" in (r.exc_text or "") or r.exc_info is not None for r in caplog.records) == 1
