@@ -394,3 +394,62 @@ def test_a_writer_that_cannot_continue_says_so_refuses_requests_and_reports_the_
     lost = 1 if ack == "buffered" else 0
     assert f"{lost} acknowledged records lost" in server.log()
     assert [seq for seq, _ in read_log(data, key_file)] == [segment_format.MAX_SEQ - 1, segment_format.MAX_SEQ]
+
+
+FAULTS = Path(__file__).parent / "faults"  # sitecustomize.py: fault hooks inside the server process
+
+
+def test_a_durable_202_does_not_leave_before_fsync_returns(start_server: Callable[..., ServerProcess],
+                                                            tmp_path: Path, key_file: Path) -> None:
+    """fsync is held (a stalled disk, injected: one cannot be stalled on demand here); the durable
+    202 waits for it. Without the durable fsync no fsync starts and the 202 arrives at once."""
+    hold = tmp_path / "hold-fsync"
+    server = start_server({"ingest": {"ack": "durable"}, "writer": {"fsync": "never"}},
+                          env={"PYTHONPATH": str(FAULTS), "TS_FAULT_HOLD_FSYNC": str(hold)})
+    assert server.post(orjson.dumps({"node_id": "n", "id": "first"})).status_code == 202  # segment created
+    hold.touch()
+    answers: list[httpx.Response] = []
+    poster = threading.Thread(target=lambda: answers.append(server.post(orjson.dumps({"node_id": "n", "id": "held"}))))
+    poster.start()
+    wait_for(lambda: Path(f"{hold}.entered").exists(), what="the batch's fsync to start")
+    poster.join(1.0)  # an answer sent before the fsync returns would arrive within milliseconds
+    assert poster.is_alive() and not answers, "the 202 left while fsync was still running"
+    hold.unlink()  # the disk wakes up: the fsync returns, then the answer goes out
+    poster.join(10)
+    assert [r.status_code for r in answers] == [202]
+    server.stop()
+    assert stored_ids(tmp_path / "data", key_file) == ["first", "held"]
+
+
+def test_a_write_torn_by_sigkill_is_cut_at_restart_and_nothing_acknowledged_is_lost(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path) -> None:
+    """A real torn write: half a batch reaches the segment, then the process is SIGKILLed (from
+    inside the write, injected, so the tear is certain). Restart cuts exactly that tail, keeps
+    every acknowledged record, and continues the sequence numbers."""
+    data = tmp_path / "data"
+    tear = tmp_path / "tear-write"
+    env = {"PYTHONPATH": str(FAULTS), "TS_FAULT_TEAR_WRITE": str(tear)}
+    server = start_server({"ingest": {"ack": "durable"}}, env=env)
+    acked = []
+    for i in range(5):
+        assert server.post(orjson.dumps({"node_id": "n", "id": f"acked-{i}"})).status_code == 202
+        acked.append(f"acked-{i}")
+    size_before = sum(p.stat().st_size for p in segment_format.list_segments(data))
+    tear.touch()
+    with pytest.raises(httpx.TransportError):  # killed mid-write: no answer at all, so no promise
+        server.post(orjson.dumps({"node_id": "n", "id": "torn", "pad": "x" * 200}))
+    assert server.wait() == -signal.SIGKILL and Path(f"{tear}.torn").exists()
+    torn_bytes = sum(p.stat().st_size for p in segment_format.list_segments(data)) - size_before
+    assert torn_bytes > 0  # half a batch is on disk
+    verify = run_cli("verify", str(data))
+    assert verify.returncode == 1 and b"torn tail" in verify.stdout
+    tear.unlink()
+    server = start_server({"ingest": {"ack": "durable"}}, env=env)
+    assert f"cut {torn_bytes} bytes" in server.log()
+    for i in range(5, 7):
+        assert server.post(orjson.dumps({"node_id": "n", "id": f"acked-{i}"})).status_code == 202
+        acked.append(f"acked-{i}")
+    server.stop()
+    assert stored_ids(data, key_file) == acked  # the torn request is gone, nothing else
+    assert [seq for seq, _ in read_log(data, key_file)] == list(range(7))
+    assert run_cli("verify", str(data)).returncode == 0
