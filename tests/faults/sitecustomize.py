@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 _hold = os.environ.get("TS_FAULT_HOLD_FSYNC")
 _tear = os.environ.get("TS_FAULT_TEAR_WRITE")
@@ -21,7 +22,7 @@ _real_fsync = os.fsync
 _real_write = os.write
 
 
-def _held_fsync(fd: int) -> None:
+def _held_fsync(fd: Any) -> None:
     if _hold and os.path.exists(_hold):
         open(_hold + ".entered", "w").close()
         for _ in range(60_000):  # at most ten minutes
@@ -31,7 +32,7 @@ def _held_fsync(fd: int) -> None:
     _real_fsync(fd)
 
 
-def _tearing_write(fd: int, data: bytes | memoryview) -> int:
+def _tearing_write(fd: int, data: Any) -> int:
     if _tear and len(data) > 16 and os.path.exists(_tear):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
