@@ -29,7 +29,7 @@ from .reader import (
     total_bytes,
     verify_segments,
 )
-from .segment_writer import WriterLockedError
+from .segment_writer import WriterStartError
 from .serve import ServeError
 
 CONFIG_ENV = "TELEMETRY_SINK_CONFIG"
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, KeyConfigError, CliError, WriterLockedError, AuthConfigError, ServeError, DamageError,
+    except (ConfigError, KeyConfigError, CliError, WriterStartError, AuthConfigError, ServeError, DamageError,
             NoSegmentsError) as exc:
         print(f"telemetry-sink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

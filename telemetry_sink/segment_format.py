@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from .crc_range import RangeCrc
 
 FILE_MAGIC = b"TSINKLOG"
 FORMAT_VERSION = 1
@@ -28,6 +31,9 @@ BODY_HEADER_SIZE = BODY_HEADER.size  # 20
 TOKEN_LEN = struct.Struct(">I")
 
 SEGMENT_SUFFIX = ".tslog"
+# What segment_name makes; a foreign *.tslog name is read by the reader but is no series' segment.
+_SEGMENT_NAME = re.compile(r"(.+)-([0-9]{20})" + re.escape(SEGMENT_SUFFIX))
+MAX_SEQ = (1 << 64) - 1  # sequence numbers are unsigned 64-bit (BODY_HEADER)
 # A batch body larger than this is treated as corrupt: no writer frames one that big
 # (max_body_bytes bounds a request, batch_size bounds a batch), and it keeps a damaged
 # length field from making the reader allocate gigabytes.
@@ -92,8 +98,12 @@ class Damage:
     detail: str
 
 
-def _parse_at(buf: bytes | mmap.mmap, offset: int, size: int) -> Batch | str:
-    """Parse the batch at `offset`; return it, or a string saying why it is invalid."""
+def _parse_at(buf: bytes | mmap.mmap, offset: int, size: int, crcs: RangeCrc | None = None) -> Batch | str:
+    """Parse the batch at `offset`; return it, or a string saying why it is invalid.
+
+    With `crcs`, the body's CRC comes from prefix CRCs in bounded time instead of hashing the
+    whole claimed body, so checking many overlapping candidates stays linear (see _resync).
+    """
     if size - offset < BATCH_HEADER_SIZE:
         return f"{size - offset} bytes left, shorter than a batch header"
     magic, length, crc = BATCH_HEADER.unpack_from(buf, offset)
@@ -105,11 +115,15 @@ def _parse_at(buf: bytes | mmap.mmap, offset: int, size: int) -> Batch | str:
     end = start + length
     if end > size:
         return f"body of {length} bytes runs {end - size} bytes past the end of the file"
+    if crcs is not None and crcs.range(start, end) != crc:
+        return "CRC mismatch"
     body = memoryview(buf)[start:end]
     try:
-        if zlib.crc32(body) != crc:
+        if crcs is None and zlib.crc32(body) != crc:
             return "CRC mismatch"
         first_seq, count, created_ms = BODY_HEADER.unpack_from(body, 0)
+        if count > (length - BODY_HEADER_SIZE) // TOKEN_LEN.size:
+            return "record count runs past the body"
         pos = BODY_HEADER_SIZE
         tokens: list[bytes] = []
         for _ in range(count):
@@ -128,14 +142,18 @@ def _parse_at(buf: bytes | mmap.mmap, offset: int, size: int) -> Batch | str:
     return Batch(offset, end, first_seq, count, created_ms, tokens)
 
 
-def _resync(buf: bytes | mmap.mmap, offset: int, size: int) -> Batch | None:
-    """Find the next valid batch after `offset` (magic, sane length and CRC all agree)."""
+def _resync(buf: bytes | mmap.mmap, offset: int, size: int, crcs: RangeCrc) -> Batch | None:
+    """Find the next valid batch after `offset` (magic, sane length and CRC all agree).
+
+    Every candidate's CRC is checked through `crcs` in bounded time, so a file packed with fake
+    headers claiming long bodies costs time linear in its size, not quadratic.
+    """
     pos = offset + 1
     while True:
         pos = buf.find(BATCH_MAGIC, pos, size)
         if pos < 0:
             return None
-        found = _parse_at(buf, pos, size)
+        found = _parse_at(buf, pos, size, crcs)
         if isinstance(found, Batch):
             return found
         pos += 1
@@ -145,13 +163,16 @@ def iter_batches(buf: bytes | mmap.mmap, start: int = FILE_HEADER_SIZE) -> Itera
     """Walk the batches of a segment image from `start`, resynchronising past damage."""
     size = len(buf)
     offset = start
+    crcs: RangeCrc | None = None  # made at the first damage: an intact file never needs it
     while offset < size:
-        found = _parse_at(buf, offset, size)
+        found = _parse_at(buf, offset, size, crcs)
         if isinstance(found, Batch):
             yield found
             offset = found.end
             continue
-        following = _resync(buf, offset, size)
+        if crcs is None:
+            crcs = RangeCrc(buf)
+        following = _resync(buf, offset, size, crcs)
         if following is None:
             yield Damage(offset, size, "torn", found)
             return
@@ -160,13 +181,17 @@ def iter_batches(buf: bytes | mmap.mmap, start: int = FILE_HEADER_SIZE) -> Itera
 
 
 class SegmentImage:
-    """A read-only, memory-mapped view of one segment file (header already checked)."""
+    """A read-only, memory-mapped view of one segment file (header already checked).
 
-    def __init__(self, path: Path) -> None:
+    With `fd`, the image maps that already-open file (start-up recovery opens it with O_NOFOLLOW)
+    and leaves closing it to the caller.
+    """
+
+    def __init__(self, path: Path, fd: int | None = None) -> None:
         self.path = path
-        with open(path, "rb") as f:
+        with open(path, "rb") if fd is None else os.fdopen(fd, "rb", closefd=False) as f:
             self.size = os.fstat(f.fileno()).st_size
-            check_file_header(f.read(FILE_HEADER_SIZE))
+            check_file_header(os.pread(f.fileno(), FILE_HEADER_SIZE, 0))
             self._map: bytes | mmap.mmap = (
                 mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 if self.size > FILE_HEADER_SIZE
@@ -202,14 +227,21 @@ def segment_name(series: str, first_seq: int) -> str:
 
 
 def parse_segment_name(path: Path) -> tuple[str, int]:
-    """(series, first_seq) from a name made by `segment_name`."""
-    series, _, seq = path.name[: -len(SEGMENT_SUFFIX)].rpartition("-")
-    return series, int(seq)
+    """(series, first_seq) from a name made by `segment_name`; ValueError for any other name."""
+    match = _SEGMENT_NAME.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path.name} is not named <series>-<20-digit first sequence number>{SEGMENT_SUFFIX}")
+    return match[1], int(match[2])
 
 
 def series_segments(directory: Path, series: str) -> list[Path]:
-    """The segments of one series, in write order."""
-    return [p for p in list_segments(directory) if parse_segment_name(p)[0] == series]
+    """The segments of one series, in write order (foreign names are no series' segments)."""
+    out = []
+    for path in list_segments(directory):
+        match = _SEGMENT_NAME.fullmatch(path.name)
+        if match is not None and match[1] == series:
+            out.append(path)
+    return out
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -7,9 +7,12 @@ loop never blocks on the disk, and batches stay in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +23,17 @@ from .buffer import BufferManager
 from .config import FSYNC_POLICIES
 from .crypto import CryptoService
 from .metrics import WriterMetrics
-from .segment_format import fsync_dir, write_all
+from .segment_format import MAX_SEQ, fsync_dir, write_all
+from .segment_recovery import (
+    Recovery,
+    WriterLockedError,
+    WriterStartError,
+    check_directory,
+    open_nofollow,
+    recover_series,
+)
+
+__all__ = ["Recovery", "SegmentWriter", "SequenceExhausted", "WriterLockedError", "WriterStartError"]
 
 log = logging.getLogger("telemetry_sink.writer")
 
@@ -30,8 +43,8 @@ MAX_BATCHES_PER_WRITE = 8
 _BACKOFF_MAX_S = 2.0
 
 
-class WriterLockedError(RuntimeError):
-    """Every segment series in the directory is held by another running writer."""
+class SequenceExhausted(RuntimeError):
+    """The series has used every 64-bit sequence number: the writer cannot continue."""
 
 
 @dataclass(slots=True)
@@ -48,55 +61,33 @@ class WriterStats:
     retry_at: float = 0.0  # time.monotonic() of the next write attempt after a failure
 
 
-@dataclass(frozen=True, slots=True)
-class Recovery:
-    """What start-up found at the end of the newest segment of this writer's series."""
+def _create_segment(path: Path) -> int:
+    """Create `path` holding just the file header, durably, and return its fd (O_APPEND).
 
-    segment: Path | None
-    next_seq: int
-    cut_bytes: int
-    first_created_ms: int | None = None
-
-
-def recover_series(directory: Path, series: str) -> Recovery:
-    """Cut a torn batch off the newest segment of `series` and find the next sequence number."""
-    segments = segment_format.series_segments(directory, series)
-    if not segments:
-        return Recovery(None, 0, 0)
-    newest = segments[-1]
-    name_seq = segment_format.parse_segment_name(newest)[1]
-    size = newest.stat().st_size
-    if size < segment_format.FILE_HEADER_SIZE:
-        # Torn while being created: nothing but (part of) a header was ever written.
-        with open(newest, "r+b") as f:
-            f.truncate(0)
-            f.write(segment_format.FILE_HEADER_BYTES)
-            os.fsync(f.fileno())
-        log.warning("segment %s had a torn header; rewrote it (%d bytes cut)", newest, size)
-        return Recovery(newest, name_seq, size)
-    next_seq = name_seq
-    cut_at: int | None = None
-    first_created_ms: int | None = None
-    with segment_format.SegmentImage(newest) as image:
-        for item in image.batches():
-            if isinstance(item, segment_format.Batch):
-                next_seq = item.next_seq
-                if first_created_ms is None:
-                    first_created_ms = item.created_ms
-            elif item.kind == "torn":
-                cut_at = item.offset
-            else:
-                log.warning("segment %s: corrupt bytes %d..%d left in place (%s)", newest, item.offset,
-                            item.end, item.detail)
-    if cut_at is None:
-        return Recovery(newest, next_seq, 0, first_created_ms)
-    with open(newest, "r+b") as f:
-        f.truncate(cut_at)
-        os.fsync(f.fileno())
-    log.warning("segment %s ended in a torn batch: cut %d bytes at offset %d; next sequence number %d",
-                newest, size - cut_at, cut_at, next_seq,
-                extra={"event": "torn_tail_cut", "segment": newest.name, "bytes": size - cut_at})
-    return Recovery(newest, next_seq, size - cut_at, first_created_ms)
+    On failure (a full disk at roll-over) no fd is left open and no header-only file is left
+    behind to make every retry fail with FileExistsError. Should the unlink fail as well, the
+    retry finds that header-only file (nothing of ours is in it) and starts it over.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = os.open(path, flags)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > segment_format.FILE_HEADER_SIZE:
+            os.close(fd)
+            raise FileExistsError(errno.EEXIST, "a segment with this name already holds data", str(path)) from None
+        os.ftruncate(fd, 0)
+    try:
+        write_all(fd, segment_format.FILE_HEADER_BYTES)
+        os.fsync(fd)
+        fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return fd
 
 
 class SegmentWriter:
@@ -157,7 +148,7 @@ class SegmentWriter:
         # still drains (uvicorn's restart on SIGHUP) takes a spare series instead of failing.
         for slot in range(self.workers if self.workers == 1 else 2 * self.workers):
             series = f"w{slot}"
-            fd = os.open(self.directory / f"{series}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.directory / f"{series}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -169,6 +160,11 @@ class SegmentWriter:
             raise WriterLockedError(
                 f"{self.directory}: every segment series is locked by another running writer"
             )
+        foreign = check_directory(self.directory)
+        if foreign:
+            log.warning("ignoring %d file(s) in %s not named as segments are (<series>-<20 digits>.tslog): %s",
+                        len(foreign), self.directory, ", ".join(p.name for p in foreign[:5]),
+                        extra={"event": "foreign_segment_names", "files": [p.name for p in foreign]})
         recovery = recover_series(self.directory, self.series)
         self.next_seq = recovery.next_seq
         if recovery.segment is not None and recovery.segment.stat().st_size < self.max_segment_bytes:
@@ -178,26 +174,27 @@ class SegmentWriter:
         return recovery
 
     def _open_segment(self, path: Path, create: bool) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
         if create:
-            write_all(fd, segment_format.FILE_HEADER_BYTES)
-            os.fsync(fd)
-            fsync_dir(path.parent)
+            fd = _create_segment(path)
             log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         self._fd, self._segment = fd, path
         self._size = os.fstat(fd).st_size
         self._segment_born = time.time()
 
     def _seal(self) -> None:
+        """Fsync and close the active segment; the fd is closed even when the fsync fails."""
         if self._fd is None:
             return
-        os.fsync(self._fd)
-        os.close(self._fd)
-        name = self._segment.name if self._segment else "?"
+        fd, name = self._fd, self._segment.name if self._segment else "?"
+        self._fd, self._segment, self._dirty = None, None, False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         log.info("sealed segment %s (%d bytes)", name, self._size,
                  extra={"event": "segment_sealed", "segment": name, "bytes": self._size})
-        self._fd, self._segment, self._dirty = None, None, False
 
     def close(self) -> None:
         """Fsync and close the active segment and release the series lock."""
@@ -216,6 +213,8 @@ class SegmentWriter:
         now = time.time()
         created_ms = int(now * 1000)
         seq = self.next_seq
+        if seq + sum(map(len, batches)) - 1 > MAX_SEQ:
+            raise SequenceExhausted(f"series {self.series} has used every sequence number up to {MAX_SEQ}")
         frames = []
         for records in batches:
             frames.append(self._framer.frame(seq, created_ms, records))
@@ -226,24 +225,29 @@ class SegmentWriter:
         if self._fd is None:
             self._open_segment(self.directory / segment_format.segment_name(self.series, self.next_seq), create=True)
         assert self._fd is not None
+        due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
         try:
             write_all(self._fd, data)
+            self._dirty = True
+            if self.durable or self.fsync_policy == "batch" or due:
+                self._fsync()
         except OSError:
+            # Not stored (or not durably): cut it off, so the retry cannot store it twice.
             self._undo_partial_write()
             raise
         self._size += len(data)
-        self._dirty = True
         self.next_seq = seq
         if self.metrics is not None:
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             for records in batches:
                 self.metrics.batch_records.observe(len(records))
-        due = self.fsync_policy == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s
-        if self.durable or self.fsync_policy == "batch" or due:
-            self._fsync()
         if self._size >= self.max_segment_bytes:
-            self._seal()
-            self._apply_retention()
+            # The batch is stored: a failure from here on must not make it be written again.
+            try:
+                self._seal()
+                self._apply_retention()
+            except OSError as exc:
+                log.error("after a write to %s: sealing or retention failed: %s", self.directory, exc)
         self.stats.batches += len(batches)
         self.stats.records += sum(map(len, batches))
         self.stats.bytes += len(data)
@@ -319,23 +323,10 @@ class SegmentWriter:
                     return
                 try:
                     await loop.run_in_executor(self._executor, self._write_batches, batches)
-                except OSError as exc:
-                    self.stats.write_errors += 1
-                    self.stats.last_errno = exc.errno
-                    self.stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
-                    self.stats.retry_at = time.monotonic() + backoff
-                    records = [r for batch in batches for r in batch]
-                    if self.durable:
-                        # Nobody got a 202 for these: fail their requests rather than retry.
-                        log.error("write of %d records failed (%s); failing their requests", len(records),
-                                  self.stats.last_error, extra={"event": "write_error"})
-                        for batch in batches:
-                            buffer.discard(batch, exc)
-                    else:
-                        # These were acknowledged: keep them and retry until the disk recovers.
-                        log.error("write of %d records failed (%s); retrying in %.2fs", len(records),
-                                  self.stats.last_error, backoff, extra={"event": "write_error"})
-                        buffer.requeue(records)
+                except SequenceExhausted:
+                    raise  # nothing can be written any more: the service stops taking requests
+                except Exception as exc:
+                    self._failed(exc, batches, buffer, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX_S)
                     continue
@@ -348,6 +339,34 @@ class SegmentWriter:
         finally:
             ticker.cancel()
             await loop.run_in_executor(self._executor, self._seal_quietly)
+
+    def _failed(self, exc: Exception, batches: list[list[bytes]], buffer: BufferManager, backoff: float) -> None:
+        """A write failed: note it (ingest refuses while it stands), then fail or requeue the batches."""
+        stats = self.stats
+        stats.write_errors += 1
+        if isinstance(exc, OSError):
+            stats.last_errno = exc.errno
+            stats.last_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
+        else:
+            # Not the disk: a bug or an impossible state. Handled the same way (nothing acknowledged
+            # is dropped), but with its traceback, since no operator action fixes it.
+            if stats.last_error is None or stats.last_errno is not None:
+                log.exception("unexpected error in the writer", exc_info=exc)
+            stats.last_errno = None
+            stats.last_error = f"{exc.__class__.__name__}: {exc}"
+        stats.retry_at = time.monotonic() + backoff
+        records = [r for batch in batches for r in batch]
+        if self.durable:
+            # Nobody got a 202 for these: fail their requests rather than retry.
+            log.error("write of %d records failed (%s); failing their requests", len(records),
+                      stats.last_error, extra={"event": "write_error"})
+            for batch in batches:
+                buffer.discard(batch, exc)
+        else:
+            # These were acknowledged: keep them and retry until the disk recovers.
+            log.error("write of %d records failed (%s); retrying in %.2fs", len(records),
+                      stats.last_error, backoff, extra={"event": "write_error"})
+            buffer.requeue(records)
 
     def _seal_quietly(self) -> None:
         try:
@@ -365,3 +384,5 @@ class SegmentWriter:
                 await loop.run_in_executor(self._executor, self._housekeeping)
             except OSError as exc:
                 log.error("housekeeping in %s failed: %s", self.directory, exc)
+            except Exception:
+                log.exception("housekeeping in %s failed", self.directory)

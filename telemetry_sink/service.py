@@ -56,6 +56,7 @@ class TelemetryService:
         self.durable = durable
         self.high_water_percent = high_water_percent
         self.closing = False
+        self.writer_failure: str | None = None  # why the writer stopped for good, if it did
         self.stats = IngestStats()
         self._wall_clock = wall_clock
         self._writer_task: asyncio.Task[None] | None = None
@@ -75,6 +76,9 @@ class TelemetryService:
         """
         if self.closing:
             raise shutting_down()
+        if self.writer_failure is not None:
+            raise IngestError(503, "write_failed", f"the writer stopped ({self.writer_failure}); this server stores "
+                              f"nothing until it is restarted", retry_after_s=WRITE_FAILED_RETRY_S)
         if self.buffer.above(100):
             # Full already: answer before spending CPU on parsing (the writer needs it).
             raise buffer_full()
@@ -213,14 +217,21 @@ class TelemetryService:
         self._writer_task.add_done_callback(self._writer_done)
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
         if task.cancelled():
             exc: BaseException = RuntimeError("the writer was cancelled")
-        elif task.exception() is not None:
-            exc = task.exception()  # type: ignore[assignment]
-            log.error("the writer task died: %r", exc)
         else:
-            exc = RuntimeError("the writer stopped")
-        self.closing = True
+            exc = error if error is not None else RuntimeError("the writer stopped")
+        if not self.buffer.closed:
+            # Not the drain at shutdown: the writer cannot continue. Say so everywhere (log,
+            # /healthz, /readyz) and refuse every request from now on rather than acknowledge
+            # records nothing will store.
+            self.writer_failure = f"{exc.__class__.__name__}: {exc}"
+            self.writer.stats.last_error = f"the writer stopped: {self.writer_failure}"
+            log.critical("the writer stopped and cannot continue (%s); every request is refused with 503 and %d "
+                         "buffered records cannot be written; fix the cause and restart the server",
+                         self.writer_failure, self.buffer.records, exc_info=error,
+                         extra={"event": "writer_stopped", "records": self.buffer.records})
         self.buffer.fail_acks(exc)
 
     def begin_shutdown(self) -> None:
@@ -241,8 +252,15 @@ class TelemetryService:
                 task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
         stats = self.writer.stats
-        log.info("shutdown complete: %d records in %d batches written this run; next sequence number %d",
-                 stats.records, stats.batches, self.writer.next_seq,
+        # Buffered acks: what is still buffered was acknowledged and is lost. Durable: those
+        # requests were answered 503 (their acks failed), so nothing acknowledged is lost.
+        lost = 0 if self.durable else self.buffer.records
+        if lost and self.writer_failure is not None:
+            log.error("shutdown: %d acknowledged records were lost: the writer stopped (%s)", lost,
+                      self.writer_failure, extra={"event": "shutdown_records_lost", "records": lost})
+        log.info("shutdown complete: %d records in %d batches written this run, %d acknowledged records lost; "
+                 "next sequence number %d", stats.records, stats.batches, lost, self.writer.next_seq,
                  extra={"event": "shutdown", "records_written": stats.records, "batches": stats.batches,
+                        "records_lost": lost,
                         "write_errors": stats.write_errors, "records_accepted": self.stats.records_accepted,
                         "requests_by_status": {str(k): v for k, v in self.stats.requests_by_status.items()}})

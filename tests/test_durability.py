@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import random
 import signal
 import subprocess
@@ -293,3 +294,163 @@ def test_corruption_in_a_sealed_segment_verify_names_it_read_skips_it_strict_fai
     strict = run_cli("read", "--strict", "--key-file", str(key_file), str(data))
     assert strict.returncode == 2
     assert b"--strict" in strict.stderr
+
+
+def data_fds(pid: int, data: Path) -> list[str]:
+    """What the server process has open inside `data` (a leaked fd shows up here)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(str(data)):
+                out.append(target)
+    return sorted(out)
+
+
+def write_errors(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("telemetry_sink_write_errors")))
+
+
+@pytest.mark.parametrize("ack", ["durable", "buffered"])
+def test_disk_full_at_segment_roll_over_leaves_no_empty_segment_and_resumes(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path, ack: str) -> None:
+    """The new segment's header cannot be written: no header-only file wedges the retries with
+    FileExistsError, no fd leaks, writing resumes once space returns, and a graceful stop
+    writes every acknowledged record (the one 202'd while the disk was full, too)."""
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        data = disk / "data"
+        server = start_server({"ingest": {"ack": ack},
+                               "writer": {"directory": str(data), "fsync": "batch", "max_segment_bytes": 1500}})
+        acked: set[str] = set()
+        for i in range(200):  # until the active segment is sealed: the next write must create one
+            r = server.post(orjson.dumps({"node_id": "n", "id": f"before-{i}"}))
+            assert r.status_code == 202
+            acked.add(f"before-{i}")
+            wait_for(lambda n=i + 1: httpx.get(server.url + "/healthz", timeout=5).json()["records_written"] >= n,
+                     what="the record on disk")
+            if "sealed segment" in server.log():
+                break
+        segments_before = segment_format.list_segments(data)
+        assert data_fds(server.proc.pid, data) == [str(data / "w0.lock")]  # sealed, none open yet
+        filler = fill(disk)
+        if ack == "buffered":
+            r = server.post(orjson.dumps({"node_id": "n", "id": "while-full"}))
+            assert r.status_code == 202  # buffered: acknowledged, so it must reach the disk later
+            acked.add("while-full")
+        else:
+            r = post_until(server, 507, acked)
+            assert r.json()["error"] == "insufficient_storage"
+        def attempts() -> bool:
+            if ack == "durable":  # the writer holds nothing: each attempt is a request's
+                assert server.post(orjson.dumps({"node_id": "n", "id": "refused"})).status_code in (503, 507)
+            return write_errors(server) >= 3
+
+        wait_for(attempts, what="three failed attempts to open a segment")
+        health = httpx.get(server.url + "/healthz", timeout=5).json()
+        assert "No space left on device" in health["last_write_error"]
+        assert "File exists" not in server.log()
+        assert segment_format.list_segments(data) == segments_before  # no empty segment left behind
+        assert data_fds(server.proc.pid, data) == [str(data / "w0.lock")]  # no fd leaked by the attempts
+        filler.unlink()  # space returns: writing resumes without a restart
+        post_until(server, 202, acked)
+        fds = data_fds(server.proc.pid, data)
+        assert len(fds) == 2 and fds[0].endswith(segment_format.SEGMENT_SUFFIX) and "deleted" not in fds[0]
+        assert server.stop() in (0, -signal.SIGTERM)
+        assert "shutdown complete" in server.log() and "were not written" not in server.log()
+        ids = stored_ids(data, key_file)
+        assert acked <= set(ids) and len(ids) == len(set(ids))
+        assert run_cli("verify", str(data)).returncode == 0
+
+
+@pytest.mark.parametrize("ack", ["buffered", "durable"])
+def test_a_writer_that_cannot_continue_says_so_refuses_requests_and_reports_the_loss(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path, ack: str) -> None:
+    """Sequence numbers run out (a segment named two short of 2**64 - 1): the writer stops for good.
+    The server logs it loudly, /healthz and /readyz say so, every later request is refused with
+    503 (never a 202 it cannot store), and the shutdown summary counts the acknowledged loss."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / segment_format.segment_name("w0", segment_format.MAX_SEQ - 1)).write_bytes(
+        segment_format.FILE_HEADER_BYTES)
+    server = start_server({"ingest": {"ack": ack}, "writer": {"directory": str(data)}})
+    for i in range(2):  # the last two sequence numbers
+        assert server.post(orjson.dumps({"node_id": "n", "id": f"fits-{i}"})).status_code == 202
+        wait_for(lambda n=i + 1: httpx.get(server.url + "/healthz", timeout=5).json()["records_written"] == n,
+                 what="the record on disk")
+    r = server.post(orjson.dumps({"node_id": "n", "id": "one-too-many"}))
+    assert r.status_code == (202 if ack == "buffered" else 503)  # buffered: acknowledged before the write
+    health = wait_for(lambda: (h := httpx.get(server.url + "/healthz", timeout=5)).status_code == 503 and h,
+                      what="/healthz to report the writer stopped")
+    assert health.json()["status"] == "writer_stopped"
+    assert "SequenceExhausted" in health.json()["last_write_error"]
+    ready = httpx.get(server.url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and "the writer is not running" in ready.json()["reasons"]
+    for _ in range(3):
+        refused = server.post(orjson.dumps({"node_id": "n", "id": "after"}))
+        assert refused.status_code == 503 and refused.json()["error"] == "write_failed"
+        assert "the writer stopped" in refused.json()["detail"]
+    assert "CRITICAL" in server.log() and "the writer stopped and cannot continue" in server.log()
+    server.stop()
+    lost = 1 if ack == "buffered" else 0
+    assert f"{lost} acknowledged records lost" in server.log()
+    assert [seq for seq, _ in read_log(data, key_file)] == [segment_format.MAX_SEQ - 1, segment_format.MAX_SEQ]
+
+
+FAULTS = Path(__file__).parent / "faults"  # sitecustomize.py: fault hooks inside the server process
+
+
+def test_a_durable_202_does_not_leave_before_fsync_returns(start_server: Callable[..., ServerProcess],
+                                                            tmp_path: Path, key_file: Path) -> None:
+    """fsync is held (a stalled disk, injected: one cannot be stalled on demand here); the durable
+    202 waits for it. Without the durable fsync no fsync starts and the 202 arrives at once."""
+    hold = tmp_path / "hold-fsync"
+    server = start_server({"ingest": {"ack": "durable"}, "writer": {"fsync": "never"}},
+                          env={"PYTHONPATH": str(FAULTS), "TS_FAULT_HOLD_FSYNC": str(hold)})
+    assert server.post(orjson.dumps({"node_id": "n", "id": "first"})).status_code == 202  # segment created
+    hold.touch()
+    answers: list[httpx.Response] = []
+    poster = threading.Thread(target=lambda: answers.append(server.post(orjson.dumps({"node_id": "n", "id": "held"}))))
+    poster.start()
+    wait_for(lambda: Path(f"{hold}.entered").exists(), what="the batch's fsync to start")
+    poster.join(1.0)  # an answer sent before the fsync returns would arrive within milliseconds
+    assert poster.is_alive() and not answers, "the 202 left while fsync was still running"
+    hold.unlink()  # the disk wakes up: the fsync returns, then the answer goes out
+    poster.join(10)
+    assert [r.status_code for r in answers] == [202]
+    server.stop()
+    assert stored_ids(tmp_path / "data", key_file) == ["first", "held"]
+
+
+def test_a_write_torn_by_sigkill_is_cut_at_restart_and_nothing_acknowledged_is_lost(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path) -> None:
+    """A real torn write: half a batch reaches the segment, then the process is SIGKILLed (from
+    inside the write, injected, so the tear is certain). Restart cuts exactly that tail, keeps
+    every acknowledged record, and continues the sequence numbers."""
+    data = tmp_path / "data"
+    tear = tmp_path / "tear-write"
+    env = {"PYTHONPATH": str(FAULTS), "TS_FAULT_TEAR_WRITE": str(tear)}
+    server = start_server({"ingest": {"ack": "durable"}}, env=env)
+    acked = []
+    for i in range(5):
+        assert server.post(orjson.dumps({"node_id": "n", "id": f"acked-{i}"})).status_code == 202
+        acked.append(f"acked-{i}")
+    size_before = sum(p.stat().st_size for p in segment_format.list_segments(data))
+    tear.touch()
+    with pytest.raises(httpx.TransportError):  # killed mid-write: no answer at all, so no promise
+        server.post(orjson.dumps({"node_id": "n", "id": "torn", "pad": "x" * 200}))
+    assert server.wait() == -signal.SIGKILL and Path(f"{tear}.torn").exists()
+    torn_bytes = sum(p.stat().st_size for p in segment_format.list_segments(data)) - size_before
+    assert torn_bytes > 0  # half a batch is on disk
+    verify = run_cli("verify", str(data))
+    assert verify.returncode == 1 and b"torn tail" in verify.stdout
+    tear.unlink()
+    server = start_server({"ingest": {"ack": "durable"}}, env=env)
+    assert f"cut {torn_bytes} bytes" in server.log()
+    for i in range(5, 7):
+        assert server.post(orjson.dumps({"node_id": "n", "id": f"acked-{i}"})).status_code == 202
+        acked.append(f"acked-{i}")
+    server.stop()
+    assert stored_ids(data, key_file) == acked  # the torn request is gone, nothing else
+    assert [seq for seq, _ in read_log(data, key_file)] == list(range(7))
+    assert run_cli("verify", str(data)).returncode == 0

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import random
 import struct
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from telemetry_sink import segment_format
-from telemetry_sink.segment_format import FILE_HEADER_BYTES, Batch, Damage, frame_batch, iter_batches
+from telemetry_sink import crc_range, segment_format
+from telemetry_sink.segment_format import (
+    BATCH_HEADER,
+    BATCH_HEADER_SIZE,
+    FILE_HEADER_BYTES,
+    FILE_HEADER_SIZE,
+    Batch,
+    Damage,
+    frame_batch,
+    iter_batches,
+)
 
 
 def image(*batches: bytes) -> bytes:
@@ -109,3 +121,83 @@ def test_segment_names_parse_back_and_select_one_series(tmp_path: Path) -> None:
         (tmp_path / segment_format.segment_name(series, seq)).write_bytes(FILE_HEADER_BYTES)
     assert [p.name for p in segment_format.series_segments(tmp_path, "w0")] == [
         segment_format.segment_name("w0", 0), segment_format.segment_name("w0", 9)]
+
+
+def crafted_segment(size: int) -> bytes:
+    """The hostile file of issue 10: a fake batch header every 12 bytes, each claiming a body that
+    runs exactly to the end of the file, each with a wrong CRC."""
+    n = (size - FILE_HEADER_SIZE) // BATCH_HEADER_SIZE
+    total = FILE_HEADER_SIZE + BATCH_HEADER_SIZE * n
+    return FILE_HEADER_BYTES + b"".join(
+        BATCH_HEADER.pack(b"TSB1", total - off - BATCH_HEADER_SIZE, 0xDEADBEEF)
+        for off in range(FILE_HEADER_SIZE, total, BATCH_HEADER_SIZE))
+
+
+def test_crafted_fake_headers_are_one_torn_tail() -> None:
+    data = crafted_segment(4096)
+    assert list(iter_batches(data)) == [Damage(16, len(data), "torn", "CRC mismatch")]
+
+
+def test_resync_finds_a_valid_batch_behind_crafted_fake_headers() -> None:
+    good = frame_batch(7, 1, [b"survivor"])
+    fake = crafted_segment(2048)[FILE_HEADER_SIZE:]
+    items = list(iter_batches(image(frame_batch(0, 0, [b"first"]), fake, good)))
+    assert [type(i).__name__ for i in items] == ["Batch", "Damage", "Batch"]
+    assert isinstance(items[2], Batch) and items[2].tokens == [b"survivor"]
+
+
+def hashed_bytes(data: bytes, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Bytes fed to zlib.crc32 while walking `data`: the reader's work, independent of machine load."""
+    counted = [0]
+    real = zlib.crc32
+
+    def counting(buf: Any, value: int = 0) -> int:
+        counted[0] += len(buf)
+        return real(buf, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(zlib, "crc32", counting)
+        list(iter_batches(data))
+    return counted[0]
+
+
+def test_resync_work_is_linear_in_the_size_of_a_crafted_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quadratic resynchronisation (34 s at 1 MiB) hashed each fake body to the end of the file."""
+    small = hashed_bytes(crafted_segment(64 << 10), monkeypatch)
+    large = hashed_bytes(crafted_segment(256 << 10), monkeypatch)
+    assert large / small < 4 * 1.25  # linear: 4x; quadratic: 16x
+    assert large < 64 * (256 << 10)  # and a small constant per byte
+
+
+def best_time(data: bytes) -> float:
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        list(iter_batches(data))
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def test_resync_time_grows_linearly_not_quadratically() -> None:
+    """A 4x larger crafted file takes about 4x as long (16x when quadratic); best of 3 against load."""
+    small, large = best_time(crafted_segment(128 << 10)), best_time(crafted_segment(512 << 10))
+    assert large / small < 9, f"{small:.3f}s -> {large:.3f}s"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_range_crc_matches_zlib(seed: int) -> None:
+    rng = random.Random(seed)
+    buf = rng.randbytes(rng.randrange(1, 20_000))
+    crcs = crc_range.RangeCrc(buf, stride=rng.choice([1, 7, 64, 1024]))
+    for _ in range(200):
+        a = rng.randrange(len(buf) + 1)
+        b = rng.randrange(a, len(buf) + 1)
+        assert crcs.range(a, b) == zlib.crc32(buf[a:b])
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 255, 1 << 20, (1 << 32) - 1, 1 << 32, (1 << 40) + 3])
+def test_shift_agrees_with_the_slow_polynomial_product(n: int) -> None:
+    crc = 0x12345678
+    assert crc_range.shift(crc, n) == crc_range._multmodp(crc_range._x8n(n), crc)
+    if n < 1 << 16:
+        assert crc_range.combine(zlib.crc32(b"abc"), zlib.crc32(bytes(n)), n) == zlib.crc32(b"abc" + bytes(n))

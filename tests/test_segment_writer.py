@@ -332,3 +332,73 @@ async def test_a_backlog_goes_to_the_writer_thread_several_batches_at_a_time(tmp
         counts = [b.count for b in seg.batches() if isinstance(b, segment_format.Batch)]
     assert counts == [10] * 10  # still batch_size records a batch, in order
     assert read_all(tmp_path, crypto) == list(enumerate(records))
+
+
+async def test_a_header_only_leftover_at_roll_over_is_started_over_not_fatal(tmp_path: Path,
+                                                                           crypto: CryptoService) -> None:
+    """Should a failed roll-over's unlink fail too, the retry reuses the file instead of FileExistsError."""
+    writer = make_writer(tmp_path, crypto, max_segment_bytes=300)
+    writer.open()
+    await write_records(writer, [b"x" * 200])  # one batch seals the first segment
+    assert writer._fd is None
+    leftover = tmp_path / segment_format.segment_name("w0", writer.next_seq)
+    leftover.write_bytes(segment_format.FILE_HEADER_BYTES[:7])
+    await write_records(writer, [b"after"])
+    writer.close()
+    assert [r for _, r in read_all(tmp_path, crypto)] == [b"x" * 200, b"after"]
+
+
+async def test_a_segment_with_data_is_never_overwritten_at_roll_over(tmp_path: Path, crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto, max_segment_bytes=300)
+    writer.open()
+    await write_records(writer, [b"x" * 200])
+    squatter = tmp_path / segment_format.segment_name("w0", writer.next_seq)
+    squatter.write_bytes(b"someone else's data")
+    with pytest.raises(FileExistsError, match="already holds data"):
+        writer._write_batches([[b"after"]])
+    assert squatter.read_bytes() == b"someone else's data"
+    assert writer._fd is None
+    writer.close()
+
+
+async def test_a_failure_after_the_batch_is_stored_does_not_write_it_twice(
+        tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention failing after a seal (a segment deleted by hand meanwhile) used to requeue a stored batch."""
+    writer = make_writer(tmp_path, crypto, max_segment_bytes=300, retention_bytes=1)
+
+    def vanished() -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    writer.open()
+    monkeypatch.setattr(writer, "_apply_retention", vanished)
+    await write_records(writer, [b"x" * 200, b"y" * 200], one_write_each=True)
+    writer.close()
+    assert [r for _, r in read_all(tmp_path, crypto)] == [b"x" * 200, b"y" * 200]
+
+
+async def test_an_unexpected_error_is_retried_like_a_disk_error_and_loses_nothing(
+        tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not an OSError (a bug, say): it used to kill the writer task silently with records buffered."""
+    writer = make_writer(tmp_path, crypto, batch_size=4)
+    writer.open()
+    failures = {"left": 2}
+
+    class FlakyFramer:
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def frame(self, seq: int, created_ms: int, records: list[bytes]) -> bytes:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise ValueError("a bug in framing")
+            return bytes(self.real.frame(seq, created_ms, records))
+
+    monkeypatch.setattr(writer, "_framer", FlakyFramer(writer._framer))
+    records = [b"rec%d" % i for i in range(8)]
+    with caplog.at_level(logging.ERROR, "telemetry_sink.writer"):
+        await write_records(writer, records, per_put=4)
+    writer.close()
+    assert writer.stats.write_errors == 2 and writer.stats.last_error is None
+    assert read_all(tmp_path, crypto) == list(enumerate(records))
+    assert sum("Traceback" in (r.exc_text or "") or r.exc_info is not None for r in caplog.records) == 1
