@@ -27,6 +27,7 @@ import harness
 
 from telemetry_sink import segment_format
 from telemetry_sink.crypto import CryptoService, write_key_file
+from telemetry_sink.testing import clean_env
 
 BATCH = 1000
 SEGMENT_BYTES = 128 << 20
@@ -53,7 +54,7 @@ def run_once(checkout: Path, command: str, data: Path, key_file: Path, out: Path
     """Wall seconds and peak RSS (MiB) of one `telemetry-sink COMMAND --key-file K DATA` run."""
     argv = [sys.executable, "-m", "telemetry_sink", *command.format(out=out).split(), "--key-file", str(key_file),
             str(data)]
-    env = harness.clean_env({"PYTHONPATH": str(checkout.resolve())})
+    env = clean_env({"PYTHONPATH": str(checkout.resolve())})
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         # cwd too: `python -m` puts the working directory ahead of PYTHONPATH.

@@ -7,15 +7,15 @@ Self-contained like test_bench_speedups.py; figures are recorded in docs/speedup
 from __future__ import annotations
 
 import base64
-import importlib
 import os
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import harness
 import pytest
 from cryptography.fernet import Fernet
+
+from telemetry_sink.testing import speedups_module
 
 KEY = os.urandom(32)
 OLD_KEY = os.urandom(32)
@@ -24,15 +24,6 @@ FERNET = Fernet(base64.urlsafe_b64encode(KEY))
 RECORD_SIZES = {"150B": 150, "1KiB": 1024}
 BATCH_SIZES = [1, 100, 1000]
 GATE_SPEEDUP = 8.0  # the target for 150-byte records
-
-
-def _module(impl: str) -> ModuleType:
-    if impl == "pure-python":
-        return importlib.import_module("telemetry_sink._speedups_py")
-    try:
-        return importlib.import_module("telemetry_sink._speedups")
-    except ImportError as exc:
-        pytest.skip(f"compiled extension not built: {exc}")
 
 
 def _tokens(size: int, count: int) -> list[bytes]:
@@ -46,7 +37,7 @@ def _fernet_loop(tokens: list[bytes]) -> Callable[[], list[bytes]]:
 
 
 def _decryptor_call(impl: str, tokens: list[bytes], keys: list[bytes]) -> Callable[[], list[bytes | None]]:
-    decryptor = _module(impl).BatchDecryptor(keys)
+    decryptor = speedups_module(impl).BatchDecryptor(keys)
     return lambda: decryptor.decrypt(tokens)
 
 

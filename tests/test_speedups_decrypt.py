@@ -8,7 +8,6 @@ the right key, so the checks after the MAC (version, padding, lengths) are reach
 from __future__ import annotations
 
 import base64
-import importlib
 import os
 import random
 import threading
@@ -24,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from telemetry_sink.segment_format import FILE_HEADER_BYTES, Batch, iter_batches
+from telemetry_sink.testing import compiled_speedups
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -248,15 +248,8 @@ def test_shared_decryptor_misuse_is_safe(speedups_impl: ModuleType) -> None:
     assert all(out == [b"r%d" % i for i in range(2000)] for out in outputs)
 
 
-def _compiled() -> ModuleType:
-    try:
-        return importlib.import_module("telemetry_sink._speedups")
-    except ImportError as exc:
-        pytest.skip(f"compiled extension not built: {exc}")
-
-
 def test_compiled_decryptor_without_init_refuses() -> None:
-    compiled = _compiled()
+    compiled = compiled_speedups()
     decryptor = compiled.BatchDecryptor.__new__(compiled.BatchDecryptor)
     with pytest.raises(RuntimeError, match="__init__"):
         decryptor.decrypt([b"x"])
@@ -272,7 +265,7 @@ def _rss_bytes() -> int:
 def test_compiled_decryptor_memory_is_flat() -> None:
     """~500k tokens (a quarter rejected) and 50k one-token calls must not grow RSS: no C leaks."""
     key = os.urandom(32)
-    decryptor = _compiled().BatchDecryptor([os.urandom(32), key])
+    decryptor = compiled_speedups().BatchDecryptor([os.urandom(32), key])
     tokens = [_fernet(key).encrypt(os.urandom(150)) for _ in range(750)] + [b"bad" * 50] * 250
     one = tokens[:1]
 
