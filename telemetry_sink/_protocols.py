@@ -41,3 +41,23 @@ class BatchFramerProtocol(Protocol):
 
     def frame(self, first_seq: int, created_ms: int, records: Sequence[bytes]) -> bytes:
         """Return one complete batch; each token carries created_ms // 1000 as its time."""
+
+
+class BatchDecryptorProtocol(Protocol):
+    """Authenticates and decrypts Fernet tokens a batch at a time, trying every key in order
+    (MultiFernet's rules); `keys` are raw 32-byte Fernet keys (signing key, then encryption key).
+    One thread at a time per instance."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None: ...
+
+    def decrypt(self, tokens: Sequence[bytes], ttl: int | None = None,
+                now: int | None = None) -> list[bytes | None]:
+        """Plaintext of each token, or None where no key accepts it (where MultiFernet.decrypt raises).
+
+        With `ttl` (seconds, an int), tokens older than `ttl` or more than 60 s in the future
+        against `now` (default: the clock) are rejected too, as `decrypt(token, ttl)` does.
+        """
+
+    def decrypt_keyed(self, tokens: Sequence[bytes], ttl: int | None = None,
+                      now: int | None = None) -> tuple[list[bytes | None], list[int]]:
+        """(plaintexts, key indices): as decrypt(), plus which key accepted each token (-1: none)."""

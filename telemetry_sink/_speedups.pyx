@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, embedsignature=True
-"""Compiled hot path: the token bucket and the batch framer (Fernet + TSB1) in C.
+"""Compiled hot path: the token bucket, the batch framer (Fernet + TSB1) and the batch decryptor in C.
 
 Behaviour matches the pure-Python twin `telemetry_sink._speedups_py`; see docs/speedups.md.
 Needs OpenSSL >= 3.0 (libcrypto: RAND_bytes, EVP cipher, EVP_MAC) and zlib (crc32).
@@ -9,10 +9,13 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringA
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uint32_t, uint64_t
 from libc.math cimport INFINITY
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 cimport cython
+
+import operator
+import time
 
 # Refuse to build against OpenSSL 1.x: EVP_MAC and EVP_EncryptInit_ex2 are 3.0 APIs, and
 # a compile error here makes setup.py fall back to the twin with a clear warning.
@@ -27,6 +30,8 @@ cdef extern from *:
 cdef extern from "openssl/crypto.h" nogil:
     const char *OpenSSL_version(int t)
     int _OSSL_VERSION_TYPE "OPENSSL_VERSION"
+    int CRYPTO_memcmp(const void *a, const void *b, size_t length)
+    void OPENSSL_cleanse(void *ptr, size_t length)
 
 cdef extern from "openssl/err.h" nogil:
     unsigned long ERR_get_error()
@@ -57,6 +62,11 @@ cdef extern from "openssl/evp.h" nogil:
     int EVP_EncryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
                           const unsigned char *inp, int inl)
     int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
+    int EVP_DecryptInit_ex2(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, const unsigned char *key,
+                            const unsigned char *iv, const OSSL_PARAM *params)
+    int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
+                          const unsigned char *inp, int inl)
+    int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int pad)
     EVP_MAC *EVP_MAC_fetch(OSSL_LIB_CTX *libctx, const char *algorithm, const char *properties)
     void EVP_MAC_free(EVP_MAC *mac)
     EVP_MAC_CTX *EVP_MAC_CTX_new(EVP_MAC *mac)
@@ -109,6 +119,8 @@ cdef enum _Step:
     STEP_MAC_UPDATE = 6
     STEP_MAC_FINAL = 7
     STEP_LENGTH = 8
+    STEP_DECRYPT_INIT = 9
+    STEP_DECRYPT_UPDATE = 10
 
 _STEP_NAMES = {
     STEP_RAND: "RAND_bytes",
@@ -119,6 +131,8 @@ _STEP_NAMES = {
     STEP_MAC_UPDATE: "EVP_MAC_update",
     STEP_MAC_FINAL: "EVP_MAC_final",
     STEP_LENGTH: "output length check",
+    STEP_DECRYPT_INIT: "EVP_DecryptInit_ex2",
+    STEP_DECRYPT_UPDATE: "EVP_DecryptUpdate",
 }
 
 ctypedef struct _Record:
@@ -492,3 +506,391 @@ cdef class BatchFramer:
             return result
         finally:
             free(work)
+
+
+# --- Decryption: the framer's reverse ---
+
+cdef enum:
+    B64_SKIP = 255              # not in the alphabet: ignored, as binascii does when not strict
+    B64_PAD = 254
+    MIN_RAW_TOKEN = TOKEN_PREFIX + MAC_SIZE   # 57: shorter tokens cannot hold an IV and a MAC
+    REJECTED = -1
+
+# Python's base64.urlsafe_b64decode maps "-" and "_" to "+" and "/" and then decodes
+# leniently, so "+" and "/" are accepted as well; this table does both in one lookup.
+cdef unsigned char _B64DEC[256]
+for _i in range(256):
+    _B64DEC[_i] = B64_SKIP
+for _i in range(64):
+    _B64DEC[<unsigned char>_B64URL[_i]] = _i
+_B64DEC[<unsigned char>b"+"[0]] = 62
+_B64DEC[<unsigned char>b"/"[0]] = 63
+_B64DEC[<unsigned char>b"="[0]] = B64_PAD
+
+
+cdef bint _b64_decode(const unsigned char *src, size_t n, unsigned char *dst, size_t *outlen) noexcept nogil:
+    """Decode like CPython 3.11's binascii.a2b_base64(strict_mode=False); False where it raises.
+
+    Same rules, step for step: characters outside the alphabet are skipped, a pad sequence
+    that completes a quad ends the input (the rest is ignored), leftover bits are dropped,
+    and a final partial quad without its padding is an error.
+    """
+    cdef size_t i = 0
+    cdef size_t o = 0
+    cdef int quad_pos = 0
+    cdef int pads = 0
+    cdef unsigned char v
+    cdef unsigned char a, b, c, d
+    cdef unsigned char left = 0
+    while i < n:
+        # Fast path: four alphabet characters at a quad boundary are one plain quad, so
+        # the rules below reduce to this (pads is reset by any alphabet character).
+        if quad_pos == 0 and i + 4 <= n:
+            a = _B64DEC[src[i]]
+            b = _B64DEC[src[i + 1]]
+            c = _B64DEC[src[i + 2]]
+            d = _B64DEC[src[i + 3]]
+            if (a | b | c | d) < 64:
+                dst[o] = <unsigned char>((a << 2) | (b >> 4))
+                dst[o + 1] = <unsigned char>((b << 4) | (c >> 2))
+                dst[o + 2] = <unsigned char>((c << 6) | d)
+                o += 3
+                i += 4
+                pads = 0
+                continue
+        v = _B64DEC[src[i]]
+        i += 1
+        if v == B64_PAD:
+            if quad_pos >= 2:
+                pads += 1
+                if quad_pos + pads >= 4:
+                    outlen[0] = o
+                    return True
+            continue
+        if v == B64_SKIP:
+            continue
+        pads = 0
+        if quad_pos == 0:
+            quad_pos = 1
+            left = v
+        elif quad_pos == 1:
+            quad_pos = 2
+            dst[o] = <unsigned char>((left << 2) | (v >> 4))
+            o += 1
+            left = v & 0x0F
+        elif quad_pos == 2:
+            quad_pos = 3
+            dst[o] = <unsigned char>((left << 4) | (v >> 2))
+            o += 1
+            left = v & 0x03
+        else:
+            quad_pos = 0
+            dst[o] = <unsigned char>((left << 6) | v)
+            o += 1
+    outlen[0] = o
+    return quad_pos == 0
+
+
+ctypedef struct _Token:
+    const unsigned char *data
+    size_t length
+    size_t out_offset
+    size_t out_length
+    int key                     # index of the key that authenticated it, or REJECTED
+
+
+ctypedef struct _TimeWindow:
+    bint check                  # a ttl was given
+    bint empty                  # no timestamp can pass (the window lies outside 0..2**64-1)
+    uint64_t low                # accept only low <= timestamp <= high
+    uint64_t high
+
+
+cdef inline uint64_t _get_u64(const unsigned char *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v = (v << 8) | p[i]
+    return v
+
+
+cdef int _decrypt_into(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int nkeys, _TimeWindow window,
+                       _Token *toks, size_t n, unsigned char *raw, unsigned char *out) noexcept nogil:
+    """Authenticate and decrypt every token; set each one's key and plaintext place in `out`.
+
+    Per token, in Fernet.decrypt's order: base64, version byte, the ttl window, then for each
+    key in turn the HMAC (constant-time compare), AES-128-CBC and the PKCS7 padding; the first
+    key that passes all three wins (MultiFernet). Returns STEP_OK or the OpenSSL step that failed.
+    """
+    cdef size_t i
+    cdef size_t raw_len = 0
+    cdef size_t ct_len
+    cdef size_t pos = 0
+    cdef size_t mac_len = 0
+    cdef size_t j
+    cdef int k
+    cdef int outl = 0
+    cdef unsigned char pad
+    cdef unsigned char bad
+    cdef uint64_t ts
+    cdef unsigned char tag[MAC_SIZE]
+    cdef unsigned char *plain
+    for i in range(n):
+        toks[i].key = REJECTED
+        toks[i].out_offset = pos
+        toks[i].out_length = 0
+        if not _b64_decode(toks[i].data, toks[i].length, raw, &raw_len):
+            continue
+        if raw_len < 9 or raw[0] != 0x80:
+            continue
+        if window.check:
+            ts = _get_u64(raw + 1)
+            if window.empty or ts < window.low or ts > window.high:
+                continue
+        # Fernet rejects these too: under 32 bytes the MAC cannot match; under 57 a MAC that
+        # matched would leave no room for the IV (cryptography raises ValueError there).
+        if raw_len < MIN_RAW_TOKEN:
+            continue
+        ct_len = raw_len - MIN_RAW_TOKEN
+        # An empty or partial-block ciphertext fails for every key (bad length, then bad padding).
+        if ct_len == 0 or ct_len % BLOCK != 0 or ct_len > <size_t>MAX_RECORD:
+            continue
+        plain = out + pos
+        for k in range(nkeys):
+            if EVP_MAC_init(macs[k], NULL, 0, NULL) != 1:
+                return STEP_MAC_INIT
+            if EVP_MAC_update(macs[k], raw, raw_len - MAC_SIZE) != 1:
+                return STEP_MAC_UPDATE
+            if EVP_MAC_final(macs[k], tag, &mac_len, MAC_SIZE) != 1:
+                return STEP_MAC_FINAL
+            if mac_len != MAC_SIZE:
+                return STEP_LENGTH
+            if CRYPTO_memcmp(tag, raw + raw_len - MAC_SIZE, MAC_SIZE) != 0:
+                continue
+            if EVP_DecryptInit_ex2(ciphers[k], NULL, NULL, raw + 9, NULL) != 1:
+                return STEP_DECRYPT_INIT
+            if EVP_DecryptUpdate(ciphers[k], plain, &outl, raw + TOKEN_PREFIX, <int>ct_len) != 1:
+                return STEP_DECRYPT_UPDATE
+            # Padding is off on these contexts (checked below, like cryptography's unpadder),
+            # so every block comes out of the one update call.
+            if <size_t>outl != ct_len:
+                return STEP_LENGTH
+            pad = plain[ct_len - 1]
+            if pad == 0 or pad > BLOCK:
+                continue
+            bad = 0
+            for j in range(ct_len - pad, ct_len):
+                bad |= plain[j] ^ pad
+            if bad:
+                continue
+            toks[i].key = k
+            toks[i].out_length = ct_len - pad
+            pos += ct_len - pad
+            break
+    return STEP_OK
+
+
+cdef _TimeWindow _time_window(object ttl, object now):
+    """Fernet's ttl test `ts + ttl >= now and ts <= now + 60`, as bounds on the u64 timestamp."""
+    cdef _TimeWindow w
+    w.check = ttl is not None
+    w.empty = False
+    w.low = 0
+    w.high = 0
+    if not w.check:
+        return w
+    # operator.index: an int or nothing (a float ttl would round differently from Fernet's).
+    current = int(time.time()) if now is None else operator.index(now)
+    low = current - operator.index(ttl)
+    high = current + 60  # cryptography's _MAX_CLOCK_SKEW
+    if high < 0 or low > 0xFFFFFFFFFFFFFFFF or low > high:
+        w.empty = True
+        return w
+    w.low = low if low > 0 else 0
+    w.high = high if high < 0xFFFFFFFFFFFFFFFF else 0xFFFFFFFFFFFFFFFF
+    return w
+
+
+@cython.final
+@cython.auto_pickle(False)  # never serialise the keys
+cdef class BatchDecryptor:
+    """Authenticates and decrypts Fernet tokens a batch at a time, trying every key in order.
+
+    `keys` are raw 32-byte Fernet keys (signing key, then encryption key: what
+    `base64.urlsafe_b64decode(fernet_key)` gives). `decrypt()` accepts and rejects exactly
+    the tokens `MultiFernet.decrypt` does. Like BatchFramer: one thread at a time.
+    """
+
+    cdef EVP_MAC_CTX **_macs
+    cdef EVP_CIPHER_CTX **_ciphers
+    cdef int _nkeys
+    cdef bint _busy
+
+    def __cinit__(self):
+        self._macs = NULL
+        self._ciphers = NULL
+        self._nkeys = 0
+        self._busy = False
+
+    def __init__(self, keys):
+        cdef list key_list = list(keys)
+        cdef const unsigned char[::1] view
+        cdef int i
+        if not key_list:
+            raise ValueError("BatchDecryptor needs at least one key")
+        for key in key_list:
+            if len(key) != 2 * KEY_SIZE:
+                raise ValueError("each key must be 32 raw bytes (signing key, then encryption key)")
+        if self._busy:
+            raise RuntimeError("BatchDecryptor re-initialised while decrypt() is running")
+        self._free_contexts()
+        self._macs = <EVP_MAC_CTX **>calloc(len(key_list), sizeof(EVP_MAC_CTX *))
+        self._ciphers = <EVP_CIPHER_CTX **>calloc(len(key_list), sizeof(EVP_CIPHER_CTX *))
+        if self._macs == NULL or self._ciphers == NULL:
+            self._free_contexts()
+            raise MemoryError()
+        self._nkeys = len(key_list)
+        try:
+            for i in range(self._nkeys):
+                view = key_list[i]
+                self._init_key(i, &view[0], &view[KEY_SIZE])
+        except BaseException:
+            self._free_contexts()
+            raise
+
+    cdef void _free_contexts(self) noexcept:
+        cdef int i
+        for i in range(self._nkeys):
+            if self._macs != NULL and self._macs[i] != NULL:
+                EVP_MAC_CTX_free(self._macs[i])
+            if self._ciphers != NULL and self._ciphers[i] != NULL:
+                EVP_CIPHER_CTX_free(self._ciphers[i])
+        free(self._macs)
+        free(self._ciphers)
+        self._macs = NULL
+        self._ciphers = NULL
+        self._nkeys = 0
+
+    cdef int _init_key(self, int i, const unsigned char *signing_key, const unsigned char *encryption_key) except -1:
+        cdef EVP_CIPHER *cipher = NULL
+        cdef EVP_MAC *mac = NULL
+        cdef OSSL_PARAM params[2]
+        try:
+            cipher = EVP_CIPHER_fetch(NULL, b"AES-128-CBC", NULL)
+            if cipher == NULL:
+                raise _openssl_error("EVP_CIPHER_fetch(AES-128-CBC)")
+            self._ciphers[i] = EVP_CIPHER_CTX_new()
+            if self._ciphers[i] == NULL:
+                raise _openssl_error("EVP_CIPHER_CTX_new")
+            # Decryption key schedule once per key; each token only sets its IV.
+            if EVP_DecryptInit_ex2(self._ciphers[i], cipher, encryption_key, NULL, NULL) != 1:
+                raise _openssl_error("EVP_DecryptInit_ex2")
+            if EVP_CIPHER_CTX_set_padding(self._ciphers[i], 0) != 1:
+                raise _openssl_error("EVP_CIPHER_CTX_set_padding")
+            mac = EVP_MAC_fetch(NULL, b"HMAC", NULL)
+            if mac == NULL:
+                raise _openssl_error("EVP_MAC_fetch(HMAC)")
+            self._macs[i] = EVP_MAC_CTX_new(mac)
+            if self._macs[i] == NULL:
+                raise _openssl_error("EVP_MAC_CTX_new")
+            params[0] = OSSL_PARAM_construct_utf8_string(b"digest", <char *>b"SHA256", 0)
+            params[1] = OSSL_PARAM_construct_end()
+            if EVP_MAC_init(self._macs[i], signing_key, KEY_SIZE, params) != 1:
+                raise _openssl_error("EVP_MAC_init")
+        finally:
+            EVP_CIPHER_free(cipher)
+            EVP_MAC_free(mac)
+        return 0
+
+    def __dealloc__(self):
+        self._free_contexts()
+
+    def __repr__(self) -> str:
+        return f"<telemetry_sink._speedups.BatchDecryptor keys={self._nkeys}>"  # never show key material
+
+    def decrypt(self, tokens, ttl=None, now=None) -> list:
+        """Plaintext of each token, or None where no key accepts it (MultiFernet.decrypt's rules).
+
+        With `ttl` (seconds), tokens older than ttl or more than 60 s in the future (against
+        `now`, default the current time) are rejected, as `decrypt(token, ttl)` does.
+        """
+        return self._run(tokens, ttl, now, False)
+
+    def decrypt_keyed(self, tokens, ttl=None, now=None) -> tuple:
+        """(plaintexts, key indices): as decrypt(), plus which key accepted each token (-1: none)."""
+        return self._run(tokens, ttl, now, True)
+
+    cdef object _run(self, object tokens, object ttl, object now, bint keyed):
+        cdef tuple toks = tuple(tokens)  # keeps every token alive while the GIL is released
+        cdef _TimeWindow window = _time_window(ttl, now)
+        if self._nkeys == 0:
+            raise RuntimeError("BatchDecryptor.__init__ was not called")
+        if self._busy:
+            raise RuntimeError("BatchDecryptor.decrypt() called from two threads at once; "
+                               "use one decryptor per thread")
+        self._busy = True
+        try:
+            return self._decrypt(toks, window, keyed)
+        finally:
+            self._busy = False
+
+    cdef object _decrypt(self, tuple toks, _TimeWindow window, bint keyed):
+        cdef Py_ssize_t n = PyTuple_GET_SIZE(toks)
+        cdef Py_ssize_t i
+        cdef object item
+        cdef size_t length
+        cdef size_t max_len = 0
+        cdef size_t out_size = 0
+        cdef _Token *tok_array = NULL
+        cdef unsigned char *raw = NULL
+        cdef unsigned char *out = NULL
+        cdef int step
+        cdef list plaintexts
+        cdef list key_ids
+
+        # Pass 1 (GIL held): type-check, record pointers, size the output. A token of L
+        # characters decodes to at most 3L/4 bytes; its plaintext is shorter still.
+        tok_array = <_Token *>malloc(<size_t>n * sizeof(_Token) + 1)
+        if tok_array == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                item = <object>PyTuple_GET_ITEM(toks, i)
+                if not PyBytes_Check(item):
+                    raise TypeError(f"tokens must be bytes, got {type(item).__name__} at index {i}")
+                length = <size_t>PyBytes_GET_SIZE(item)
+                tok_array[i].data = <const unsigned char *>PyBytes_AS_STRING(item)
+                tok_array[i].length = length
+                if length > max_len:
+                    max_len = length
+                out_size += length // 4 * 3 + 3
+            raw = <unsigned char *>malloc(max_len // 4 * 3 + 3)
+            out = <unsigned char *>malloc(out_size + 1)
+            if raw == NULL or out == NULL:
+                raise MemoryError()
+            with nogil:
+                step = _decrypt_into(self._macs, self._ciphers, self._nkeys, window, tok_array, <size_t>n,
+                                     raw, out)
+            if step != STEP_OK:
+                ERR_clear_error()
+                if step == STEP_LENGTH:
+                    raise RuntimeError("internal error: output size mismatch in BatchDecryptor.decrypt")
+                raise _openssl_error(_STEP_NAMES[step])
+            plaintexts = [None] * n
+            for i in range(n):
+                if tok_array[i].key != REJECTED:
+                    plaintexts[i] = PyBytes_FromStringAndSize(<char *>out + tok_array[i].out_offset,
+                                                              <Py_ssize_t>tok_array[i].out_length)
+            if not keyed:
+                return plaintexts
+            key_ids = [tok_array[i].key for i in range(n)]
+            return plaintexts, key_ids
+        finally:
+            # The scratch held plaintext (and the last raw token): wipe before freeing.
+            if out != NULL:
+                OPENSSL_cleanse(out, out_size + 1)
+            if raw != NULL:
+                OPENSSL_cleanse(raw, max_len // 4 * 3 + 3)
+            free(out)
+            free(raw)
+            free(tok_array)

@@ -6,9 +6,11 @@ Used when the extension is not built or TELEMETRY_SINK_NO_EXTENSIONS=1 is set.
 from __future__ import annotations
 
 import base64
+import operator
+import time
 from collections.abc import Sequence
 
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, InvalidToken
 
 from .segment_format import frame_batch
 
@@ -70,3 +72,46 @@ class BatchFramer:
         at = created_ms // 1000
         encrypt = self._fernet.encrypt_at_time
         return frame_batch(first_seq, created_ms, [encrypt(r, at) for r in records])
+
+
+class BatchDecryptor:
+    """The batch decryptor, on `cryptography`'s Fernet (see _protocols.BatchDecryptorProtocol)."""
+
+    __slots__ = ("_fernets",)
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        keys = list(keys)
+        if not keys:
+            raise ValueError("BatchDecryptor needs at least one key")
+        if any(len(k) != 32 for k in keys):
+            raise ValueError("each key must be 32 raw bytes (signing key, then encryption key)")
+        self._fernets = [Fernet(base64.urlsafe_b64encode(k)) for k in keys]
+
+    def __repr__(self) -> str:
+        return f"<telemetry_sink._speedups_py.BatchDecryptor keys={len(self._fernets)}>"
+
+    def decrypt(self, tokens: Sequence[bytes], ttl: int | None = None, now: int | None = None) -> list[bytes | None]:
+        return self.decrypt_keyed(tokens, ttl, now)[0]
+
+    def decrypt_keyed(self, tokens: Sequence[bytes], ttl: int | None = None,
+                      now: int | None = None) -> tuple[list[bytes | None], list[int]]:
+        tokens = list(tokens)
+        if ttl is not None:  # an int or nothing, as in the compiled one
+            ttl = operator.index(ttl)
+        current = int(time.time()) if now is None else operator.index(now)
+        plaintexts: list[bytes | None] = []
+        keys: list[int] = []
+        for i, token in enumerate(tokens):
+            if not isinstance(token, bytes):
+                raise TypeError(f"tokens must be bytes, got {type(token).__name__} at index {i}")
+            plaintext, key = None, -1
+            for k, fernet in enumerate(self._fernets):
+                try:
+                    plaintext = fernet.decrypt(token) if ttl is None else fernet.decrypt_at_time(token, ttl, current)
+                except (InvalidToken, ValueError):  # ValueError: a MAC-valid token too short for its IV
+                    continue
+                key = k
+                break
+            plaintexts.append(plaintext)
+            keys.append(key)
+        return plaintexts, keys

@@ -11,13 +11,14 @@ import binascii
 import logging
 import os
 import stat
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from ._protocols import BatchFramerProtocol
-from .speedups import BatchFramer
+from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol
+from .speedups import BatchDecryptor, BatchFramer
 
 log = logging.getLogger("telemetry_sink.crypto")
 
@@ -67,6 +68,7 @@ class CryptoService:
         self._primary = Fernet(keys[0].encode("ascii"))
         self._multi = MultiFernet([self._primary, *(Fernet(k.encode("ascii")) for k in keys[1:])])
         self.key_count = len(keys)
+        self._local = threading.local()  # one decryptor per thread: it must not be shared
 
     @classmethod
     def from_key_file(cls, path: Path) -> CryptoService:
@@ -99,6 +101,24 @@ class CryptoService:
         """A batch framer that encrypts under the first key (one per writer thread)."""
         first = self._raw[0]
         return BatchFramer(first[:16], first[16:])
+
+    def new_decryptor(self) -> BatchDecryptorProtocol:
+        """A batch decryptor that tries every key in order (one per thread)."""
+        return BatchDecryptor(self._raw)
+
+    def decrypt_batch(self, tokens: Sequence[bytes], ttl: int | None = None) -> list[bytes | None]:
+        """Each token's plaintext, or None where no key authenticates it (or it is older than `ttl` s)."""
+        return self._decryptor().decrypt(tokens, ttl)
+
+    def decrypt_batch_keyed(self, tokens: Sequence[bytes]) -> tuple[list[bytes | None], list[int]]:
+        """As decrypt_batch, plus the index of the key that authenticated each token (-1: none)."""
+        return self._decryptor().decrypt_keyed(tokens)
+
+    def _decryptor(self) -> BatchDecryptorProtocol:
+        decryptor: BatchDecryptorProtocol | None = getattr(self._local, "decryptor", None)
+        if decryptor is None:
+            decryptor = self._local.decryptor = self.new_decryptor()
+        return decryptor
 
     def decrypt(self, token: bytes) -> bytes:
         """Authenticate and decrypt a token with any configured key; raises InvalidToken."""

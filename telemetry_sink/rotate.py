@@ -6,13 +6,17 @@ original, so a crash at any point leaves every segment readable with the key fil
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from . import segment_format
+from ._protocols import BatchFramerProtocol
 from .crypto import CryptoService, InvalidToken
 from .progress import Progress
 
@@ -45,23 +49,48 @@ def _series_is_idle(directory: Path, series: str) -> bool:
     return True
 
 
+# The first 12 base64 characters of a token are its version byte and 8-byte timestamp, exactly,
+# when all 12 are in the alphabet (the lenient decoder would skip anything else).
+_TOKEN_HEAD = re.compile(rb"[A-Za-z0-9_-]{12}")
+
+
+def _token_time(token: bytes) -> int | None:
+    """The Fernet timestamp of an authenticated token, or None if its head is unusual."""
+    if _TOKEN_HEAD.match(token) is None:
+        return None
+    return int.from_bytes(base64.urlsafe_b64decode(token[:12])[1:9], "big")
+
+
+def _rotated_batch(batch: segment_format.Batch, plaintexts: list[bytes], keys: list[int], crypto: CryptoService,
+                   framer: BatchFramerProtocol) -> bytes:
+    """`batch` with every token under the first key, each keeping its Fernet timestamp."""
+    at = batch.created_ms // 1000
+    if all(_token_time(t) == at for t in batch.tokens):
+        # What the writer leaves: every token stamped with the batch's time, so the framer can
+        # re-encrypt the whole batch in one call (fresh IVs for all; the content is the same).
+        return framer.frame(batch.first_seq, batch.created_ms, plaintexts)
+    tokens = [token if key == 0 else crypto.rotate(token) for token, key in zip(batch.tokens, keys, strict=True)]
+    return segment_format.frame_batch(batch.first_seq, batch.created_ms, tokens)
+
+
 def _rotated_image(path: Path, crypto: CryptoService) -> tuple[bytes | None, int]:
     """The segment re-encrypted under the first key, or None if every token already uses it."""
     out = bytearray(segment_format.FILE_HEADER_BYTES)
     rotated = 0
+    framer = crypto.new_framer()
     with segment_format.SegmentImage(path) as image:
         for item in image.batches():
-            if isinstance(item, segment_format.Damage):
-                out += image.raw(item.offset, item.end)  # damage is kept verbatim, never "repaired"
-                continue
-            tokens = []
-            for token in item.tokens:
-                if crypto.uses_primary_key(token):
-                    tokens.append(token)
-                else:
-                    tokens.append(crypto.rotate(token))
-                    rotated += 1
-            out += segment_format.frame_batch(item.first_seq, item.created_ms, tokens)
+            if isinstance(item, segment_format.Batch):
+                plaintexts, keys = crypto.decrypt_batch_keyed(item.tokens)
+                if -1 in keys:
+                    raise InvalidToken
+                moved = sum(key != 0 for key in keys)
+                if moved:
+                    out += _rotated_batch(item, cast("list[bytes]", plaintexts), keys, crypto, framer)
+                    rotated += moved
+                    continue
+            # Damage is kept verbatim, never "repaired"; batches already under the first key too.
+            out += image.raw(item.offset, item.end)
     return (bytes(out) if rotated else None), rotated
 
 

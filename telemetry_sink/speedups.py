@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ._protocols import BatchFramerProtocol, TokenBucketProtocol
+from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol, TokenBucketProtocol
 
 NO_EXTENSIONS = bool(os.environ.get("TELEMETRY_SINK_NO_EXTENSIONS"))
 FALLBACK_REASON: str | None = None
@@ -18,10 +18,10 @@ FALLBACK_REASON: str | None = None
 try:
     if NO_EXTENSIONS:
         raise ImportError("TELEMETRY_SINK_NO_EXTENSIONS is set")
-    from ._speedups import IMPLEMENTATION, BatchFramer, TokenBucket
+    from ._speedups import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket
 except ImportError as exc:  # not compiled: the twin behaves the same, only slower
     FALLBACK_REASON = str(exc) if NO_EXTENSIONS else f"the extension is not built ({exc})"
-    from ._speedups_py import IMPLEMENTATION, BatchFramer, TokenBucket  # type: ignore[assignment]
+    from ._speedups_py import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket  # type: ignore[assignment]
 
 HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
     "install a C compiler and the OpenSSL >= 3.0 and zlib headers (Debian: apt-get install gcc libssl-dev "
@@ -32,5 +32,7 @@ HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
 # Both implementations must satisfy the one interface (checked by mypy, here and in the twin).
 _framer: type[BatchFramerProtocol] = BatchFramer
 _bucket: type[TokenBucketProtocol] = TokenBucket
+_decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
 
-__all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchFramer", "TokenBucket"]
+__all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
+           "TokenBucket"]

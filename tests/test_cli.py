@@ -205,6 +205,32 @@ def test_read_with_rotated_keys_reads_old_and_new_segments(tmp_path: Path) -> No
     assert "4 do not authenticate" in proc.stderr.decode()
 
 
+def test_read_skips_one_foreign_record_inside_a_batch(tmp_path: Path) -> None:
+    """A batch whose middle token is under another key: every other record, in order, one warning;
+    --strict stops there, after the records before it."""
+    key_text = generate_key().decode()
+    key, foreign = CryptoService([key_text], "k"), CryptoService([generate_key().decode()], "f")
+    recs = records("n", 5)
+    tokens = [(foreign if i == 2 else key).encrypt(orjson.dumps(r)) for i, r in enumerate(recs)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / segment_format.segment_name("w0", 0)).write_bytes(
+        segment_format.FILE_HEADER_BYTES + segment_format.frame_batch(0, CREATED_MS, tokens))
+    key_file = tmp_path / "sink.key"
+    key_file.write_text(key_text + "\n")
+    key_file.chmod(0o600)
+    proc = run_cli("read", "--key-file", str(key_file), str(data))
+    assert proc.returncode == 1
+    assert parse_lines(proc.stdout) == recs[:2] + recs[3:]
+    assert "4 of 5 records decrypted" in proc.stderr.decode()  # one summary line
+    strict = run_cli("read", "--strict", "--key-file", str(key_file), str(data))
+    assert strict.returncode == 2
+    assert parse_lines(strict.stdout) == recs[:2]
+    proc = run_cli("verify", "--key-file", str(key_file), str(data))
+    assert proc.returncode == 1
+    assert "record 2 (batch at offset 16) does not authenticate" in proc.stdout.decode()
+
+
 def test_read_key_from_environment_overrides_the_key_file(log: Log) -> None:
     other = log.base / "keys" / "other.key"
     write_key_file(other)

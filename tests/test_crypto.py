@@ -39,6 +39,15 @@ def test_first_key_encrypts_every_key_decrypts(tmp_path: Path) -> None:
     assert Fernet(new).decrypt(item.tokens[0]) == b"fresh"  # the first line encrypts
 
 
+def test_batch_decrypt_tries_every_key_in_order() -> None:
+    old, new, other = generate_key(), generate_key(), generate_key()
+    crypto = CryptoService([new.decode(), old.decode()], "test")
+    tokens = [Fernet(new).encrypt(b"a"), Fernet(old).encrypt(b"b"), Fernet(other).encrypt(b"c"), b"junk"]
+    assert crypto.decrypt_batch(tokens) == [b"a", b"b", None, None]
+    assert crypto.decrypt_batch_keyed(tokens) == ([b"a", b"b", None, None], [0, 1, -1, -1])
+    assert crypto.decrypt_batch([Fernet(new).encrypt_at_time(b"stale", 1_000)], ttl=60) == [None]
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     a, b = generate_key(), generate_key()
     environ = {"TELEMETRY_SINK_KEY": f"{a.decode()}, {b.decode()}"}

@@ -108,3 +108,23 @@ def test_unreadable_record_fails_that_segment_only(tmp_path: Path) -> None:
     report = rotate_directory(data, crypto)
     assert report.failed and not report.rewritten
     assert tokens(data) == before
+
+
+def test_rotation_keeps_each_tokens_time_and_untouched_batches(tmp_path: Path) -> None:
+    """A segment mixing a batch the framer wrote (one time for all), a batch of tokens with their
+    own times (as an earlier MultiFernet.rotate leaves them) and a batch already under the new key."""
+    old, new = generate_key(), generate_key()
+    data = tmp_path / "data"
+    data.mkdir()
+    framed = CryptoService([old.decode()], "old").new_framer().frame(0, 1_700_000_000_999, [b"a", b"b"])
+    own_times = segment_format.frame_batch(2, 1_700_000_000_000, [Fernet(old).encrypt_at_time(b"c", 5),
+                                                                  Fernet(new).encrypt_at_time(b"d", 6)])
+    current = CryptoService([new.decode()], "new").new_framer().frame(4, 1_700_000_001_000, [b"e"])
+    path = data / segment_format.segment_name("w0", 0)
+    path.write_bytes(segment_format.FILE_HEADER_BYTES + framed + own_times + current)
+    report = rotate_directory(data, CryptoService([new.decode(), old.decode()], "both"))
+    assert report.rewritten == [path] and report.tokens_rotated == 3
+    after = [t for _, t in tokens(data)]
+    assert [Fernet(new).decrypt(t) for t in after] == [b"a", b"b", b"c", b"d", b"e"]
+    assert [Fernet(new).extract_timestamp(t) for t in after] == [1_700_000_000, 1_700_000_000, 5, 6, 1_700_000_001]
+    assert path.read_bytes().endswith(current)  # a batch already under the first key is copied as it was
