@@ -19,6 +19,7 @@ import orjson
 
 from . import __version__, segment_format, speedups
 from .auth import AuthConfigError
+from .client.send_cmd import add_parser as add_send_parser
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, InvalidToken, KeyConfigError, write_key_file
 from .segment_writer import WriterLockedError
@@ -516,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="version, implementation, OpenSSL version, config path")
     config_opt(p)
     p.set_defaults(func=cmd_info)
+    add_send_parser(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 import pytest
 
 from telemetry_sink import speedups
@@ -229,3 +230,26 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, name: str,
         if server.proc.poll() is None:
             server.proc.kill()
         server.wait()
+
+
+@pytest.fixture
+def recording_proxy() -> Iterator[Callable[..., Any]]:
+    """`recording_proxy(upstream_port, faults=...)`: a loopback proxy recording every exchange (loopback_proxy.py)."""
+    from loopback_proxy import RecordingProxy
+
+    proxies: list[RecordingProxy] = []
+
+    def make(upstream_port: int, **kw: Any) -> RecordingProxy:
+        proxies.append(RecordingProxy(upstream_port, **kw))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def read_records(config_path: Path) -> list[dict[str, Any]]:
+    """Every record of a server's log (`telemetry-sink read --config CONFIG`), parsed."""
+    proc = run_cli("read", "--config", str(config_path))
+    assert proc.returncode == 0, proc.stderr.decode()
+    return [orjson.loads(line) for line in proc.stdout.splitlines()]
