@@ -177,13 +177,13 @@ def start_server(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., Serve
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
-            timeout: float = 60.0) -> subprocess.CompletedProcess[bytes]:
-    """Run `python -m telemetry_sink ARGS` and capture its output."""
+            timeout: float = 60.0, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m telemetry_sink ARGS` (with `input` on stdin) and capture its output."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_SINK_")
                 or k == "TELEMETRY_SINK_NO_EXTENSIONS"}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "telemetry_sink", *args], capture_output=True,
-                          env=full_env, check=check, timeout=timeout)
+                          env=full_env, check=check, timeout=timeout, input=input)
 
 
 def write_log(directory: Path, key: bytes, records: int, segment_bytes: int = 4000) -> None:

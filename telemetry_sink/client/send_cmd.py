@@ -46,8 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get(URL_ENV, "http://127.0.0.1:8080"),
-                   help=f"server URL (default: ${URL_ENV}, else http://127.0.0.1:8080)")
+    p.add_argument("--url", help=f"server URL (default: from --config, else ${URL_ENV}, else http://127.0.0.1:8080)")
+    p.add_argument("--config", metavar="PATH", help="a local server's config file, for back-filling on its host: "
+                   "send to its [server] host and port, batches within its max_body_bytes")
     p.add_argument("--token-file", metavar="PATH",
                    help=f"file holding the bearer token (default: ${TOKEN_ENV}; never put a token in argv)")
     p.add_argument("--node-id", metavar="ID", help="node_id for records that have none")
@@ -64,6 +65,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
                    help="a progress line on stderr (auto: when stderr is a terminal)")
     p.add_argument("paths", nargs="*", metavar="FILE", help="NDJSON files ('-' or none: stdin)")
+
+
+def _target(args: argparse.Namespace) -> tuple[str, int]:
+    """The URL to send to and the batch byte bound, from --url / --config / the environment."""
+    if args.url or not args.config:
+        return args.url or os.environ.get(URL_ENV, "http://127.0.0.1:8080"), args.batch_bytes
+    from ..config import load_config
+
+    config = load_config(Path(args.config))
+    host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    scheme = "https" if config.server.tls_certfile else "http"
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{config.server.port}", min(args.batch_bytes, config.ingest.max_body_bytes)
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -127,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     from .sync_client import Client
 
     try:
-        client = Client(args.url, token=_token(args), max_batch_records=args.batch_records,
-                        max_batch_bytes=args.batch_bytes, gzip_min_bytes=args.gzip_min_bytes or None,
+        url, batch_bytes = _target(args)
+        client = Client(url, token=_token(args), max_batch_records=args.batch_records,
+                        max_batch_bytes=batch_bytes, gzip_min_bytes=args.gzip_min_bytes or None,
                         spool_dir=args.spool, ca_file=args.ca_file, client_cert=args.client_cert,
                         client_key=args.client_key)
     except (ValueError, OSError, ClientError) as exc:
