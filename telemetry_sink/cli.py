@@ -16,6 +16,7 @@ from typing import Any
 
 from . import __version__, segment_format, speedups
 from .auth import AuthConfigError
+from .client.send_cmd import add_parser as add_send_parser
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, KeyConfigError, write_key_file
 from .progress import Progress
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="version, implementation, OpenSSL version, config path")
     config_opt(p)
     p.set_defaults(func=cmd_info)
+    add_send_parser(sub)
     return parser
 
 

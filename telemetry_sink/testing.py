@@ -59,6 +59,17 @@ def best_of(call: Callable[[], object], rounds: int, clock: Callable[[], float] 
     return best
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now. Racy by nature (another process may take it before it is
+    used): only for a port that must be known before its listener starts (a server started later on
+    purpose, a peer's own listener). Servers under test start on port 0 and report theirs instead."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def write_config(path: Path, values: ConfigValues) -> Path:
     """Write `values` ({section: {key: value}}) as an INI file at `path`; return `path`."""
     lines: list[str] = []
@@ -87,10 +98,11 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: Mapping[str, str] | None = None, check: bool = False,
-            timeout: float = 60.0) -> subprocess.CompletedProcess[bytes]:
-    """Run `python -m telemetry_sink ARGS` in a clean environment (plus `env`) and capture its output."""
+            timeout: float = 60.0, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m telemetry_sink ARGS` in a clean environment (plus `env`, with `input` on stdin) and
+    capture its output."""
     return subprocess.run([sys.executable, "-m", "telemetry_sink", *args], capture_output=True,
-                          env=clean_env(env), check=check, timeout=timeout)
+                          env=clean_env(env), check=check, timeout=timeout, input=input)
 
 
 def speedups_module(implementation: str) -> ModuleType:

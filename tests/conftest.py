@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from telemetry_sink import speedups
@@ -23,6 +24,7 @@ from telemetry_sink.segment_writer import SegmentWriter
 from telemetry_sink.testing import (
     ConfigValues,
     ServerProcess,
+    free_port,
     merge_config,
     run_cli,
     speedups_module,
@@ -30,7 +32,8 @@ from telemetry_sink.testing import (
     write_config,
 )
 
-__all__ = ["ConfigValues", "ServerProcess", "run_cli", "shared_server", "wait_for", "write_config", "write_log"]
+__all__ = ["ConfigValues", "ServerProcess", "free_port", "read_records", "run_cli", "shared_server", "wait_for",
+           "write_config", "write_log"]
 
 
 def pytest_report_header() -> str:
@@ -161,3 +164,26 @@ class HeldBodyPost:
         assert "error" not in self._outcome, self._outcome.get("error")
         response: httpx.Response = self._outcome["response"]
         return response
+
+
+@pytest.fixture
+def recording_proxy() -> Iterator[Callable[..., Any]]:
+    """`recording_proxy(upstream_port, faults=...)`: a loopback proxy recording every exchange (loopback_proxy.py)."""
+    from loopback_proxy import RecordingProxy
+
+    proxies: list[RecordingProxy] = []
+
+    def make(upstream_port: int, **kw: Any) -> RecordingProxy:
+        proxies.append(RecordingProxy(upstream_port, **kw))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def read_records(config_path: Path) -> list[dict[str, Any]]:
+    """Every record of a server's log (`telemetry-sink read --config CONFIG`), parsed."""
+    proc = run_cli("read", "--config", str(config_path))
+    assert proc.returncode == 0, proc.stderr.decode()
+    return [orjson.loads(line) for line in proc.stdout.splitlines()]
