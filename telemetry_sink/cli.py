@@ -186,12 +186,7 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     from .top import run
 
-    urls = args.urls
-    if not urls:
-        srv = _load(args.config).server
-        host = "127.0.0.1" if srv.host in ("0.0.0.0", "::", "") else srv.host
-        urls = [f"{'https' if srv.tls_certfile else 'http'}://{host}:{srv.port}"]
-    return run(urls, args.interval, args.iterations)
+    return run(args.urls or [_load(args.config).local_url()], args.interval, args.iterations)
 
 
 # -- info --

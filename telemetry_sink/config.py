@@ -213,6 +213,17 @@ class Config:
         out["source"] = str(self.source) if self.source else None
         return out
 
+    def local_url(self) -> str:
+        """The base URL a tool on this host reaches the configured server at (a wildcard host is
+        reached on loopback); ConfigError when the port is only chosen at start (0)."""
+        srv = self.server
+        if srv.port == 0:
+            raise ConfigError(f"[server] port: 0 in {self.source or 'the built-in defaults'} is chosen when the "
+                              f"server starts; pass the server's URL instead")
+        host = "127.0.0.1" if srv.host in ("0.0.0.0", "::", "") else srv.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if srv.tls_certfile else 'http'}://{host}:{srv.port}"
+
 
 # section name (as in config.ini) -> its dataclass, in Config's field order
 SECTIONS: dict[str, type[Any]] = {name: cls for name, cls in get_type_hints(Config).items() if name != "source"}

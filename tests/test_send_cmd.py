@@ -41,7 +41,7 @@ def test_send_files_and_stdin(start_server: StartServer, tmp_path: Path) -> None
 
 
 def test_send_fills_in_node_id_and_takes_the_url_from_a_config(start_server: StartServer) -> None:
-    server = start_server()
+    server = start_server(port=free_port())  # the config must name the port the server listens on
     proc = run_cli("send", "--config", str(server.config_path), "--node-id", "filled", input=ndjson(3, node=None))
     assert proc.returncode == 0, proc.stderr.decode()
     assert [r["node_id"] for r in stored(server, 3)] == ["filled"] * 3

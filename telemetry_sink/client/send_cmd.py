@@ -74,10 +74,7 @@ def _target(args: argparse.Namespace) -> tuple[str, int]:
     from ..config import load_config
 
     config = load_config(Path(args.config))
-    host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    scheme = "https" if config.server.tls_certfile else "http"
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{config.server.port}", min(args.batch_bytes, config.ingest.max_body_bytes)
+    return config.local_url(), min(args.batch_bytes, config.ingest.max_body_bytes)
 
 
 def _token(args: argparse.Namespace) -> str | None:
