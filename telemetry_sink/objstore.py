@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,7 +152,8 @@ class Bucket:
         if settings.region:
             config["region"] = settings.region
         client = {"timeout": timedelta(seconds=settings.request_timeout_s), "connect_timeout": timedelta(seconds=10)}
-        if settings.allow_http:
+        # AWS_ALLOW_HTTP=true as object_store's other bindings read it (this one takes client options only here)
+        if settings.allow_http or os.environ.get("AWS_ALLOW_HTTP", "").strip().lower() == "true":
             client["allow_http"] = True  # type: ignore[assignment]
         try:
             self._store: S3Store = S3Store(

@@ -21,7 +21,8 @@ from pathlib import Path
 import orjson
 
 from . import segment_format
-from .objstore import Bucket, Destination, ObjectStoreError, object_key
+from .config import ShipConfig
+from .objstore import Bucket, Destination, ObjectStoreError, StoreSettings, object_key, parse_url
 from .segment_format import fsync_dir, write_all
 from .ship_metrics import ShipMetrics
 
@@ -95,6 +96,17 @@ class Shipper:
         self._threads: list[threading.Thread] = []
         if metrics is not None:
             metrics.bind(self.status)
+
+    @classmethod
+    def from_config(cls, ship: ShipConfig, directory: Path, metrics: ShipMetrics | None = None) -> Shipper:
+        """The shipper `[ship]` describes (destination set), with this instance's id resolved."""
+        from .instance import resolve_instance_id
+
+        settings = ShipSettings(parse_url(ship.destination), resolve_instance_id(ship.instance_id, directory),
+                                ship.concurrency, ship.retry_initial_ms / 1000, ship.retry_max_ms / 1000,
+                                ship.after_upload, ship.unhealthy_after_s)
+        store = StoreSettings(ship.endpoint_url, ship.region, ship.allow_http, ship.request_timeout_s)
+        return cls(directory, settings, Bucket(settings.destination, store), metrics)
 
     # -- the writer's side --
 
@@ -206,6 +218,8 @@ class Shipper:
             if item.key is None:
                 series, first_seq = segment_format.parse_segment_name(item.path)
                 item.key = object_key(self.settings.instance_id, series, first_seq, first_created_ms(item.path))
+            log.debug("uploading segment %s to %s (%d bytes)", item.path.name, item.key, item.size,
+                      extra={"event": "segment_upload_started", "segment": item.path.name, "key": item.key})
             started = time.monotonic()
             result = self.bucket.upload_create_only(item.key, item.path)
         except FileNotFoundError:
