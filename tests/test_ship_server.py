@@ -3,8 +3,10 @@ wrong credentials, conflicting objects and damaged objects."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,11 +35,11 @@ def ship_overrides(s3: SeaweedS3, prefix: str, directory: Path, **ship: Any) -> 
     }
 
 
-def post_records(server: ServerProcess, first: int, count: int, per_request: int = 20) -> list[int]:
+def post_records(server: ServerProcess, first: int, count: int, per_request: int = 20, pad: int = 40) -> list[int]:
     acked = []
     for i in range(first, first + count, per_request):
         ids = list(range(i, min(i + per_request, first + count)))
-        body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * 40} for j in ids])
+        body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * pad} for j in ids])
         if server.post(body).status_code == 202:
             acked.extend(ids)
     return acked
@@ -121,12 +123,19 @@ def test_sigkill_during_upload_then_restart_ships_once(start_server: Start, s3_s
     overrides["ingest"] = {"ack": "durable"}
     server = start_server(overrides, env=s3_server.env(RW), args=("--log-level", "debug"))
     acked: list[int] = []
-    i = 0
-    while "segment_upload_started" not in server.log() and "uploading segment" not in server.log():
-        acked += post_records(server, i, 2000, per_request=500)
-        i += 2000
+
+    def client() -> None:  # posts until the server dies under it
+        with contextlib.suppress(httpx.TransportError):
+            for i in range(0, 200_000, 500):
+                acked.extend(post_records(server, i, 500, per_request=500, pad=400))
+
+    poster = threading.Thread(target=client, daemon=True)
+    poster.start()
+    wait_for(lambda: "uploading segment" in server.log(), timeout=120, what="an upload to start")
     server.signal(signal.SIGKILL)
     server.wait()
+    poster.join(30)
+    assert "shipped segment" not in server.log()  # killed while the first upload was in flight
     again = start_server(overrides, env=s3_server.env(RW))
     assert again.stop() in GRACEFUL_EXIT
     keys = [o.key for o in bucket(s3_server, "crash").list()]
