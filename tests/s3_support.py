@@ -146,3 +146,22 @@ class SeaweedS3:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def main(argv: list[str]) -> int:
+    """`python tests/s3_support.py DIR`: start `weed mini` in DIR, leave it running, write DIR/seaweed.json."""
+    if len(argv) != 2:
+        print("usage: s3_support.py DIR", file=sys.stderr)
+        return 2
+    server = SeaweedS3(Path(argv[1]).resolve()).start()
+    assert server.proc is not None
+    state = {"endpoint": server.endpoint, "bucket": server.bucket, "pid": server.proc.pid,
+             "access_key_id": RW[0], "secret_access_key": RW[1],
+             "read_only_access_key_id": RO[0], "read_only_secret_access_key": RO[1]}
+    (server.base / "seaweed.json").write_text(json.dumps(state, indent=1) + "\n")
+    print(server.endpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
