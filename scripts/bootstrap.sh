@@ -15,6 +15,8 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
 [ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 if [ "${TELEMETRY_SINK_WITH_WRK:-0}" = 1 ]; then command -v wrk >/dev/null 2>&1 || missing+=(wrk); fi
+# HAProxy fronts the local cluster (scripts/cluster.sh, tests/test_cluster.py skips without it).
+if [ "${TELEMETRY_SINK_WITH_CLUSTER:-0}" = 1 ]; then command -v haproxy >/dev/null 2>&1 || missing+=(haproxy); fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing system packages: ${missing[*]}"

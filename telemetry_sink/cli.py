@@ -19,6 +19,7 @@ from .auth import AuthConfigError
 from .client.send_cmd import add_parser as add_send_parser
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .crypto import CryptoService, KeyConfigError, write_key_file
+from .objstore import ObjectStoreError, StoreSettings
 from .progress import Progress
 from .reader import (
     DamageError,
@@ -26,10 +27,12 @@ from .reader import (
     NoSegmentsError,
     RecordFilter,
     parse_time,
-    segment_paths,
+    segment_refs,
     total_bytes,
+    total_size,
     verify_segments,
 )
+from .segment_source import ObjectFilter, SegmentRef
 from .segment_writer import WriterStartError
 from .serve import ServeError
 
@@ -102,8 +105,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 # -- read and verify --
 
 
-def _segments(paths: Sequence[str], config_arg: str | None) -> list[Path]:
-    return segment_paths(paths, None if paths else _load(config_arg).writer.directory)
+def _segments(args: argparse.Namespace) -> list[SegmentRef]:
+    """Local paths, or s3:// URLs reached with the configured [ship] endpoint, region and allow_http."""
+    if not args.paths:
+        return segment_refs(args.paths, _load(args.config).writer.directory)
+    settings = None
+    if any(p.startswith("s3://") for p in args.paths):
+        ship = _load(args.config).ship
+        settings = StoreSettings(ship.endpoint_url, ship.region, ship.allow_http, ship.request_timeout_s)
+    return segment_refs(args.paths, None, settings, ObjectFilter(args.day, args.instance))
 
 
 def _crypto(key_file: str | None, config_arg: str | None) -> CryptoService:
@@ -120,13 +130,13 @@ def cmd_read(args: argparse.Namespace) -> int:
     crypto = _crypto(args.key_file, args.config)
     follower = Follower(crypto, sys.stdout.buffer, _warn, RecordFilter(args.node, args.since, args.until),
                         args.strict)
-    follower.read_new(_segments(args.paths, args.config), final=not args.follow)
+    follower.read_new(_segments(args), final=not args.follow)
     if args.follow:
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             while True:
                 time.sleep(args.poll_interval)
-                follower.read_new(_segments(args.paths, args.config), final=False)
+                follower.read_new(_segments(args), final=False)
         except KeyboardInterrupt:
             pass
     summary = follower.summary()
@@ -149,10 +159,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     crypto = CryptoService.from_key_file(Path(args.key_file)) if args.key_file else None
-    segments = _segments(args.paths, args.config)
+    segments = _segments(args)
     if not segments:
         raise CliError("no segments found")
-    with Progress("verify", total_bytes(segments)) as progress:
+    with Progress("verify", total_size(segments)) as progress:
         damaged = verify_segments(segments, crypto, print, progress)
     return EXIT_DAMAGE if damaged else 0
 
@@ -220,6 +230,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- argument parsing --
 
 
+def _day(text: str) -> str:
+    try:
+        time.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date as YYYY-MM-DD") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="telemetry-sink",
@@ -232,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="PATH", help="config file (default: ./config.ini)")
+
+    def source_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--day", metavar="YYYY-MM-DD", type=_day, help="s3:// only: objects of this UTC day")
+        p.add_argument("--instance", metavar="ID", help="s3:// only: objects of this instance")
+        p.add_argument("paths", nargs="*", metavar="PATH",
+                       help="segment files, directories, or s3://bucket/prefix (credentials from the AWS "
+                       "environment; endpoint, region and allow_http from [ship])")
 
     p = sub.add_parser("serve", help="run the HTTP server", description="Run the HTTP ingest server "
                        "(uvicorn on uvloop + httptools). SIGTERM/SIGINT drain the buffer to disk and exit.")
@@ -262,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) at the first damaged batch or unreadable record instead of skipping it")
     p.add_argument("--poll-interval", type=float, default=0.25, help=argparse.SUPPRESS)
-    p.add_argument("paths", nargs="*", metavar="PATH", help="segment files or directories")
+    source_opts(p)
     p.set_defaults(func=cmd_read)
 
     p = sub.add_parser("verify", help="check segments' integrity (no key needed)",
@@ -270,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and corrupt batches with their offsets. Exit status 1 on any damage.")
     config_opt(p)
     p.add_argument("--key-file", metavar="PATH", help="also authenticate every token with these keys")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="segment files or directories")
+    source_opts(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("rotate-key", help="re-encrypt sealed segments under the key file's first key",
@@ -320,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, KeyConfigError, CliError, WriterStartError, AuthConfigError, ServeError, DamageError,
-            NoSegmentsError) as exc:
+            NoSegmentsError, ObjectStoreError) as exc:
         print(f"telemetry-sink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

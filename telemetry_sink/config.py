@@ -26,6 +26,8 @@ DEFAULT_CONFIG_PATH = Path("config.ini")
 ACK_MODES = ("buffered", "durable")
 RATE_LIMIT_MODES = ("reject", "delay")
 FSYNC_POLICIES = ("batch", "interval", "never")
+AFTER_UPLOAD_POLICIES = ("keep", "delete")
+MAX_SHIPPED_SEGMENT_BYTES = 5 << 30  # a single S3 PUT (create-only uploads cannot be multipart everywhere)
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,20 @@ def _percent(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 100:
         raise ValueError("must be between 1 and 100")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        raise ValueError("must be true or false")
+    return value in ("true", "yes", "on", "1")
+
+
+def _s3_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not (value.startswith("s3://") and len(value) > len("s3://")):
+        raise ValueError("must be an s3://bucket/prefix URL, or empty (shipping off)")
     return value
 
 
@@ -191,6 +207,27 @@ class AuthConfig:
                                    "needs a bearer token (see docs/security.md)", path=True, optional=True)
 
 
+@section
+class ShipConfig:
+    destination: str = key(_s3_url, "", "`s3://bucket/prefix`: upload every sealed segment there as one object "
+                           "(empty: shipping off); see docs/object-storage.md")
+    endpoint_url: str = key(str.strip, "", "S3 endpoint, e.g. `http://127.0.0.1:8333` for SeaweedFS or MinIO "
+                            "(empty: AWS, or `AWS_ENDPOINT_URL`)")
+    region: str = key(str.strip, "", "bucket region (empty: `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`)")
+    allow_http: bool = key(_bool, "false", "allow a plain-HTTP endpoint (test and loopback stores only)")
+    instance_id: str = key(str.strip, "", "this instance's name in object keys (empty: generated once and kept "
+                           "in `<directory>/instance_id`)")
+    concurrency: int = key(_positive_int, "2", "segments uploaded at the same time")
+    retry_initial_ms: int = key(_positive_int, "1000", "first wait after a failed upload; doubles per failure "
+                                "(with jitter) …")
+    retry_max_ms: int = key(_positive_int, "60000", "… up to this")
+    request_timeout_s: int = key(_positive_int, "120", "one upload or download request may take this long")
+    after_upload: str = key(str, "keep", "`keep`: the local copy stays under the writer's retention; `delete`: "
+                            "delete it as soon as its upload is confirmed", choices=AFTER_UPLOAD_POLICIES)
+    unhealthy_after_s: int = key(_positive_int, "300", "`/healthz` and `/readyz` report shipping once uploads "
+                                 "have failed for this long")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration; relative paths are already resolved. Each field but `source` is a section."""
@@ -202,6 +239,7 @@ class Config:
     writer: WriterConfig
     crypto: CryptoConfig
     auth: AuthConfig
+    ship: ShipConfig
     source: Path | None
 
     def as_dict(self) -> dict[str, Any]:
@@ -309,6 +347,11 @@ def _check_combinations(c: Config) -> None:
         raise ConfigError("[server] tls_keyfile: tls_certfile and tls_keyfile must be set together")
     if c.server.tls_client_ca is not None and c.server.tls_certfile is None:
         raise ConfigError("[server] tls_client_ca: mutual TLS needs tls_certfile and tls_keyfile too")
+    if c.ship.destination and c.writer.max_segment_bytes > MAX_SHIPPED_SEGMENT_BYTES:
+        raise ConfigError(
+            f"[writer] max_segment_bytes: {c.writer.max_segment_bytes} exceeds 5 GiB, the most one upload "
+            f"to [ship] destination can hold"
+        )
     if c.writer.batch_size > c.buffer.max_records:
         raise ConfigError(
             f"[writer] batch_size: {c.writer.batch_size} exceeds [buffer] max_records "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +19,12 @@ import orjson
 
 from . import segment_format
 from .crypto import CryptoService
+from .objstore import ObjectStoreError
 from .progress import Progress
+from .segment_source import NoSegmentsError, SegmentRef, segment_refs, total_size
+
+__all__ = ["DamageError", "Follower", "NoSegmentsError", "RecordFilter", "parse_time", "segment_refs",
+           "total_bytes", "total_size", "verify_segments"]
 
 # Past the end of any file: a segment that is not one is never looked at again.
 _SKIP = 1 << 62
@@ -39,10 +44,6 @@ def total_bytes(segments: Sequence[Path]) -> int:
 
 class DamageError(Exception):
     """A damaged batch or record was met in strict mode; str() is one line naming where."""
-
-
-class NoSegmentsError(Exception):
-    """A path given to read or verify names neither a segment nor a directory of segments."""
 
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -74,36 +75,6 @@ def parse_time(text: str, now: float | None = None) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
-
-
-def _check_is_segment(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            segment_format.check_file_header(f.read(segment_format.FILE_HEADER_SIZE))
-    except segment_format.SegmentFormatError as exc:
-        raise NoSegmentsError(f"{path} is not a telemetry-sink segment ({exc})") from None
-    except OSError as exc:
-        raise NoSegmentsError(f"{path}: cannot read it ({exc.strerror})") from None
-
-
-def segment_paths(paths: Sequence[str], default_directory: Path | None) -> list[Path]:
-    """The segments named by `paths` (files or directories), or those of `default_directory`.
-    A file named explicitly must be a segment (NoSegmentsError, one line, if not)."""
-    if not paths:
-        if default_directory is None or not default_directory.is_dir():
-            raise NoSegmentsError(f"log directory {default_directory} does not exist")
-        return segment_format.list_segments(default_directory)
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            out.extend(segment_format.list_segments(p))
-        elif p.is_file():
-            _check_is_segment(p)
-            out.append(p)
-        else:
-            raise NoSegmentsError(f"{p}: no such file or directory")
-    return out
 
 
 @dataclass
@@ -140,7 +111,7 @@ class Follower:
     warn: Callable[[str], None]
     keep: RecordFilter = field(default_factory=RecordFilter)
     strict: bool = False
-    offsets: dict[Path, int] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)  # by segment label
     records: int = 0  # tokens met, decrypted or not
     bad_tokens: int = 0  # tokens that did not authenticate with the key(s)
 
@@ -153,18 +124,21 @@ class Follower:
         return (f"{good:,} of {self.records:,} records decrypted: {why} ({self.bad_tokens:,} do not authenticate "
                 f"with the key(s) from {self.crypto.source})")
 
-    def read_new(self, paths: list[Path], final: bool) -> None:
+    def read_new(self, segments: list[SegmentRef], final: bool) -> None:
         """Emit every complete batch past the remembered offsets; `final`: report torn tails too."""
-        for path in paths:
+        for ref in segments:
+            path = ref.label
             start = self.offsets.get(path, segment_format.FILE_HEADER_SIZE)
+            if path in self.offsets and ref.size_now() <= start:
+                continue  # nothing new (and for an object, no GET)
             try:
-                image = segment_format.SegmentImage(path)
+                image = ref.open()
             except segment_format.SegmentFormatError as exc:
-                if final or path.stat().st_size >= segment_format.FILE_HEADER_SIZE:
+                if final or ref.size_now() >= segment_format.FILE_HEADER_SIZE:
                     self.warn(f"{path}: skipped, {exc}")
                     self.offsets[path] = _SKIP
                 continue
-            with image:
+            try:
                 if image.size <= start:
                     continue
                 for item in image.batches(start):
@@ -178,6 +152,8 @@ class Follower:
                     elif final:
                         self._damage(f"{path}: ends in an incomplete batch at offset {item.offset} "
                                      f"({item.end - item.offset} bytes)")
+            finally:
+                image.close()
             self.out.flush()
 
     def _damage(self, message: str) -> None:
@@ -222,52 +198,58 @@ class SegmentReport:
     problems: list[str] = field(default_factory=list)
 
 
-def verify_segment(path: Path, crypto: CryptoService | None, expected_seq: int | None) -> SegmentReport:
+def verify_segment(ref: SegmentRef, crypto: CryptoService | None, expected_seq: int | None) -> SegmentReport:
     """Walk one segment: batches, records, sequence gaps, damage; with `crypto`, authenticate tokens."""
     report = SegmentReport()
     try:
-        image = segment_format.SegmentImage(path)
-    except (segment_format.SegmentFormatError, OSError) as exc:
+        image = ref.open()
+    except (segment_format.SegmentFormatError, OSError, ObjectStoreError) as exc:
         report.problems.append(f"unreadable: {exc}")
         return report
-    with image:
-        for item in image.batches():
-            if isinstance(item, segment_format.Damage):
-                what = "torn tail" if item.kind == "torn" else "corrupt batch"
-                report.problems.append(f"{what} at offset {item.offset} ({item.end - item.offset} bytes: "
-                                       f"{item.detail})")
-                continue
-            if expected_seq is not None and item.first_seq != expected_seq:
-                report.problems.append(f"sequence gap at offset {item.offset}: expected {expected_seq}, "
-                                       f"found {item.first_seq}")
-            expected_seq = item.next_seq
-            report.batches += 1
-            report.records += item.count
-            if report.first_seq is None:
-                report.first_seq = item.first_seq
-            if item.count:
-                report.last_seq = item.next_seq - 1
-            if crypto is not None:
-                for i, plaintext in enumerate(crypto.decrypt_batch(item.tokens)):
-                    if plaintext is None:
-                        report.problems.append(f"record {item.first_seq + i} (batch at offset {item.offset}) "
-                                               f"does not authenticate")
+    try:
+        _verify_batches(image.batches(), crypto, expected_seq, report)
+    except ObjectStoreError as exc:  # the stream broke off part-way
+        report.problems.append(f"unreadable: {exc}")
+    finally:
+        image.close()
     return report
 
 
-def verify_segments(segments: list[Path], crypto: CryptoService | None,
+def _verify_batches(batches: Iterator[segment_format.Batch | segment_format.Damage], crypto: CryptoService | None,
+                    expected_seq: int | None, report: SegmentReport) -> None:
+    for item in batches:
+        if isinstance(item, segment_format.Damage):
+            what = "torn tail" if item.kind == "torn" else "corrupt batch"
+            report.problems.append(f"{what} at offset {item.offset} ({item.end - item.offset} bytes: "
+                                   f"{item.detail})")
+            continue
+        if expected_seq is not None and item.first_seq != expected_seq:
+            report.problems.append(f"sequence gap at offset {item.offset}: expected {expected_seq}, "
+                                   f"found {item.first_seq}")
+        expected_seq = item.next_seq
+        report.batches += 1
+        report.records += item.count
+        if report.first_seq is None:
+            report.first_seq = item.first_seq
+        if item.count:
+            report.last_seq = item.next_seq - 1
+        if crypto is not None:
+            for i, plaintext in enumerate(crypto.decrypt_batch(item.tokens)):
+                if plaintext is None:
+                    report.problems.append(f"record {item.first_seq + i} (batch at offset {item.offset}) "
+                                           f"does not authenticate")
+
+
+def verify_segments(segments: list[SegmentRef], crypto: CryptoService | None,
                     emit: Callable[[str], None], progress: Progress | None = None) -> int:
     """Verify `segments` in order (sequence numbers checked across each series), `emit` one line per
     segment and problem and a summary; return the number of damaged segments."""
     next_seq: dict[str, int] = {}
     damaged = 0
     totals = SegmentReport()
-    for path in segments:
-        try:
-            series = segment_format.parse_segment_name(path)[0]
-        except ValueError:  # not named as a writer names segments: no sequence to continue
-            series = str(path)
-        report = verify_segment(path, crypto, next_seq.get(series))
+    for ref in segments:
+        series, path = ref.series, ref.label
+        report = verify_segment(ref, crypto, next_seq.get(series))
         if report.last_seq is not None:
             next_seq[series] = report.last_seq + 1
         seq = f"seq {report.first_seq}..{report.last_seq}" if report.last_seq is not None else "no records"
@@ -277,7 +259,7 @@ def verify_segments(segments: list[Path], crypto: CryptoService | None,
             emit(f"  {problem}")
         damaged += bool(report.problems)
         if progress is not None:
-            progress.advance(report.records, _size(path))
+            progress.advance(report.records, total_size([ref]))
         totals.batches += report.batches
         totals.records += report.records
     auth = ", every token authenticated" if crypto is not None and not damaged else ""

@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,11 @@ class SegmentWriter:
         self._segment_born = 0.0  # wall time of the active segment's first batch
         self._dirty = False
         self._last_fsync = 0.0
+        # Shipping hooks (telemetry_sink.shipper): told of every seal; asked before retention deletes;
+        # with shipping on, a segment once closed is never appended to again, even after a restart.
+        self.on_sealed: Callable[[Path], None] | None = None
+        self.may_delete: Callable[[Path], bool] | None = None
+        self.reopen_tail = True
 
     # -- set-up and tear-down (blocking; call before the loop runs or via the executor) --
 
@@ -167,7 +173,8 @@ class SegmentWriter:
                         extra={"event": "foreign_segment_names", "files": [p.name for p in foreign]})
         recovery = recover_series(self.directory, self.series)
         self.next_seq = recovery.next_seq
-        if recovery.segment is not None and recovery.segment.stat().st_size < self.max_segment_bytes:
+        if recovery.segment is not None and self.reopen_tail and \
+                recovery.segment.stat().st_size < self.max_segment_bytes:
             self._open_segment(recovery.segment, create=False)
             if recovery.first_created_ms is not None:
                 self._segment_born = recovery.first_created_ms / 1000
@@ -187,7 +194,7 @@ class SegmentWriter:
         """Fsync and close the active segment; the fd is closed even when the fsync fails."""
         if self._fd is None:
             return
-        fd, name = self._fd, self._segment.name if self._segment else "?"
+        fd, name, sealed = self._fd, self._segment.name if self._segment else "?", self._segment
         self._fd, self._segment, self._dirty = None, None, False
         try:
             os.fsync(fd)
@@ -195,6 +202,8 @@ class SegmentWriter:
             os.close(fd)
         log.info("sealed segment %s (%d bytes)", name, self._size,
                  extra={"event": "segment_sealed", "segment": name, "bytes": self._size})
+        if self.on_sealed is not None and sealed is not None:
+            self.on_sealed(sealed)
 
     def close(self) -> None:
         """Fsync and close the active segment and release the series lock."""
@@ -283,6 +292,8 @@ class SegmentWriter:
             too_old = self.retention_days > 0 and path.stat().st_mtime < cutoff
             if not (too_big or too_old):
                 break
+            if self.may_delete is not None and not self.may_delete(path):
+                continue  # not yet confirmed in object storage: kept, even past the budget
             path.unlink()
             total -= sizes[path]
             self.stats.segments_deleted += 1

@@ -50,15 +50,42 @@ def build_app(config: Config, *, workers: int = 1) -> Any:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     registry = CollectorRegistry()
     service = TelemetryService.from_config(config, crypto, workers=workers, metrics=WriterMetrics(registry))
+    if config.ship.destination:
+        _attach_shipper(service, config, registry)
     try:
         service.writer.open()
     except OSError as exc:  # e.g. the directory is a file, or may not be created
         raise ServeError(f"[writer] directory {config.writer.directory}: cannot use it as the log directory "
                          f"({exc.strerror}); point it at a writable directory") from None
+    if service.shipper is not None:
+        assert service.writer.series is not None
+        service.shipper.start(service.writer.series)
     srv = config.server
     configure_guard(srv.header_timeout_s, srv.body_timeout_s, srv.max_connections, on_timeout=service.count_timeout)
     return create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
                       registry=registry)
+
+
+def _attach_shipper(service: Any, config: Config, registry: Any) -> None:
+    """Ship sealed segments to [ship] destination: hook the shipper into the writer (seals, retention)."""
+    from .instance import InstanceIdError
+    from .objstore import ObjectStoreError
+    from .ship_metrics import ShipMetrics
+    from .shipper import Shipper
+
+    try:
+        shipper = Shipper.from_config(config.ship, config.writer.directory, ShipMetrics(registry))
+    except (InstanceIdError, ObjectStoreError, ValueError) as exc:
+        raise ServeError(f"[ship]: {exc}") from None
+    writer = service.writer
+    writer.reopen_tail = False  # a segment once closed is immutable: it may already be shipped
+    writer.on_sealed = shipper.sealed
+    writer.may_delete = shipper.is_shipped
+    service.shipper = shipper
+    log.info("shipping sealed segments to %s as instance %s", shipper.settings.destination,
+             shipper.settings.instance_id, extra={"event": "ship_config", "destination":
+                                                 str(shipper.settings.destination),
+                                                 "instance_id": shipper.settings.instance_id})
 
 
 def worker_app() -> Any:

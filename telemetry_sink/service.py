@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .auth import Principal
 from .buffer import BufferClosed, BufferFull, BufferManager
@@ -22,6 +22,9 @@ from .rate_limiter import RateLimited, RateLimiter
 from .records import check_permissions, encode_records, parse_body
 from .segment_format import list_segments
 from .segment_writer import SegmentWriter
+
+if TYPE_CHECKING:
+    from .shipper import Shipper
 from .speedups import IMPLEMENTATION
 
 log = logging.getLogger("telemetry_sink.service")
@@ -60,6 +63,7 @@ class TelemetryService:
         self.stats = IngestStats()
         self._wall_clock = wall_clock
         self._writer_task: asyncio.Task[None] | None = None
+        self.shipper: Shipper | None = None  # set by serve when [ship] destination is set
 
     async def ingest(
         self,
@@ -162,6 +166,7 @@ class TelemetryService:
             "buffer_records": self.buffer.records,
             "records_written": wstats.records,
             "last_write_error": wstats.last_error,
+            **({"shipping": self.shipper.problem() or "ok"} if self.shipper is not None else {}),
         }
 
     def readiness(self) -> list[str]:
@@ -175,6 +180,8 @@ class TelemetryService:
             reasons.append(f"the last write failed: {self.writer.stats.last_error}")
         if self.buffer.above(self.high_water_percent):
             reasons.append(f"the buffer is above {self.high_water_percent}% of its bounds")
+        if self.shipper is not None and (problem := self.shipper.problem()) is not None:
+            reasons.append(problem)
         return reasons
 
     def metrics_snapshot(self) -> Snapshot:
@@ -251,6 +258,8 @@ class TelemetryService:
                           timeout_s, extra={"event": "shutdown_records_lost", "records": self.buffer.records})
                 task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
+        if self.shipper is not None:  # upload what just sealed, briefly; the rest ships after a restart
+            await asyncio.get_running_loop().run_in_executor(None, self.shipper.stop, timeout_s)
         stats = self.writer.stats
         # Buffered acks: what is still buffered was acknowledged and is lost. Durable: those
         # requests were answered 503 (their acks failed), so nothing acknowledged is lost.

