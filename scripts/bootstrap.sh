@@ -8,15 +8,20 @@ cd "$(dirname "$0")/.."
 extras=build
 if [ "${1:-}" = --test ]; then extras=build,test; fi
 
-# System packages: a C compiler and the OpenSSL and zlib headers build the extension; wrk drives the
-# HTTP benchmarks. Installed with apt-get when we may (root on Debian/Ubuntu), else a warning.
+# System packages: a C compiler and the OpenSSL and zlib headers build the extension. With --test,
+# the tools the tests and the quick gate run for real: wrk (HTTP load), tmux (`top` on a terminal),
+# HAProxy (the local cluster) and libyaml (the Fluent Bit peer in ../shared/peers). Installed with
+# apt-get when we may (root on Debian/Ubuntu), else a warning.
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
 [ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
-if [ "${TELEMETRY_SINK_WITH_WRK:-0}" = 1 ]; then command -v wrk >/dev/null 2>&1 || missing+=(wrk); fi
-# HAProxy fronts the local cluster (scripts/cluster.sh, tests/test_cluster.py skips without it).
-if [ "${TELEMETRY_SINK_WITH_CLUSTER:-0}" = 1 ]; then command -v haproxy >/dev/null 2>&1 || missing+=(haproxy); fi
+if [ "$extras" = build,test ]; then
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+    command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+    command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+    { ldconfig -p 2>/dev/null | grep -q 'libyaml-0\.so\.2'; } || missing+=(libyaml-0-2)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing system packages: ${missing[*]}"
