@@ -50,6 +50,8 @@ class OptionalBuildExt(build_ext):
     """build_ext that Cythonizes lazily and turns every build failure into one warning line."""
 
     def run(self) -> None:
+        # setuptools clears `inplace` while it builds; remember whether the in-place copy is ours.
+        self.wants_inplace = bool(self.inplace or self.editable_mode)
         try:
             super().run()
         except Exception as exc:  # no usable compiler class at all (PlatformError), and the like
@@ -105,10 +107,12 @@ class OptionalBuildExt(build_ext):
         _warn(reason, hint)
 
     def _binaries(self, ext: Extension) -> list[str]:
-        """The build output and the in-place copy, with every suffix this Python would import."""
+        """The build output, and the in-place copy when building in place, with every suffix this
+        Python would import (`pip install .` leaves a checkout's own in-place build alone)."""
         stem = os.path.join(*ext.name.split("."))
         build_lib = self.build_lib if os.path.isabs(self.build_lib) else os.path.join(ROOT, self.build_lib)
-        return [os.path.join(base, stem + suffix) for base in (build_lib, ROOT) for suffix in EXTENSION_SUFFIXES]
+        bases = [build_lib, ROOT] if getattr(self, "wants_inplace", True) else [build_lib]
+        return [os.path.join(base, stem + suffix) for base in bases for suffix in EXTENSION_SUFFIXES]
 
 
 def _extensions() -> list[Extension]:
