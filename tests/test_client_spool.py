@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from conftest import ServerProcess, free_port, read_records, wait_for
 
-from telemetry_sink.client import Client, DeliveryTimeout, PendingFullError, RetryPolicy, SpoolLockedError
+from telemetry_sink.client import (
+    Client,
+    DeliveryTimeout,
+    PendingFullError,
+    RetryPolicy,
+    SenderFailedError,
+    SpoolLockedError,
+)
 
 StartServer = Callable[..., ServerProcess]
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.3)
@@ -130,3 +137,20 @@ def test_one_client_process_per_spool(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with Client(url, spool_dir=tmp_path / "spool"), pytest.raises(SpoolLockedError, match="in use by another"):
         Client(url, spool_dir=tmp_path / "spool")
+
+
+def test_a_spool_fault_stops_the_sender_loudly(start_server: StartServer, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    server = start_server()
+    spool = tmp_path / "spool"
+    client = Client(server.url, spool_dir=spool)
+    (spool / "rejected").rmdir()  # an operator tidying up: the refused batch cannot be kept
+    client.send({"i": 0})  # no node_id: refused
+    with pytest.raises(SenderFailedError, match=r"sender stopped .*FileNotFoundError.*1 records not delivered"):
+        client.flush(timeout=30)
+    with pytest.raises(SenderFailedError):
+        client.send({"node_id": "after", "i": 1})
+    with pytest.raises(SenderFailedError):
+        client.close(timeout=5)
+    assert any("sender stopped" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert list(spool.glob("*.batch")), "the batch stays in the spool"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import itertools
 import time
 from collections.abc import Iterable
 from types import TracebackType
@@ -11,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from .batching import Batch, Record, build_request, encode_record
-from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError
+from .batching import CHUNK, Batch, Record, build_request, encode_record
+from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
 from .options import ClientOptions
 from .pipeline import Pipeline, Stats, Verdict, judge, log, open_store
 from .retry import Outcome
@@ -29,14 +31,17 @@ class AsyncClient:
 
     def __init__(self, url: str, **options: Any) -> None:
         self.options = ClientOptions(url=url, **options)
+        verify = self.options.ssl_context()  # before the spool is locked: a bad certificate path fails here
         self._pipe = Pipeline(self.options, open_store(self.options))
         self._fsync_in_thread = isinstance(self._pipe.store, DiskSpool) and self.options.spool_fsync == "batch"
         self._cond = asyncio.Condition()
         self._abort = asyncio.Event()
         self._closed = False
         self._stopping = False
-        self._http = httpx.AsyncClient(verify=self.options.ssl_context(), timeout=self.options.timeout_s)
+        self._fatal: BaseException | None = None
+        self._http = httpx.AsyncClient(verify=verify, timeout=self.options.timeout_s)
         self._task: asyncio.Task[None] | None = None
+        atexit.register(self._at_exit)
 
     @property
     def stats(self) -> Stats:
@@ -51,11 +56,17 @@ class AsyncClient:
         await self.send_many((record,))
 
     async def send_many(self, records: Iterable[Record]) -> None:
-        """Queue several records."""
-        lines = [encode_record(r, self.options.max_batch_bytes) for r in records]
+        """Queue several records (not atomic, as `Client.send_many`)."""
         deadline = None if self.options.block_timeout_s is None else time.monotonic() + self.options.block_timeout_s
+        it = iter(records)
+        first = True
+        while chunk := [encode_record(r, self.options.max_batch_bytes) for r in itertools.islice(it, CHUNK)]:
+            await self._take(chunk, deadline, report=first)
+            first = False
+
+    async def _take(self, lines: list[bytes], deadline: float | None, report: bool) -> None:
         async with self._cond:
-            self._check_open()
+            self._check_open(report)
             pipe = self._pipe
             for line in lines:
                 if pipe.must_seal_before(line):
@@ -82,17 +93,18 @@ class AsyncClient:
 
     async def close(self, timeout: float | None = 30.0) -> None:
         """Flush (up to `timeout` seconds), stop the sender, release the connection and the spool."""
-        timed_out: DeliveryTimeout | None = None
+        timed_out: ClientError | None = None
         async with self._cond:
             if self._closed:
                 self._pipe.raise_error()  # the next refusal not yet raised, if any
                 return
             self._closed = True
+            atexit.unregister(self._at_exit)
             self._start()
             await self._seal()
             try:
                 await self._wait_idle(None if timeout is None else time.monotonic() + timeout)
-            except DeliveryTimeout as exc:
+            except (DeliveryTimeout, SenderFailedError) as exc:
                 timed_out = exc
             self._stopping = True
             self._abort.set()
@@ -125,11 +137,24 @@ class AsyncClient:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-sink-client")
 
-    def _check_open(self) -> None:
+    def _check_open(self, report: bool = True) -> None:
         if self._closed:
             raise ClientClosedError("client is closed")
         self._start()
-        self._pipe.raise_error()
+        self._check_sender()
+        if report:
+            self._pipe.raise_error()
+
+    def _check_sender(self) -> None:
+        if self._fatal is not None:
+            raise SenderFailedError(self._fatal, self._pipe.pending_records()) from self._fatal
+
+    def _at_exit(self) -> None:
+        pending = self._pipe.pending_records()
+        if pending:
+            log.error("the process exits with %d records handed to an AsyncClient that was never closed: %s",
+                      pending, f"they stay in the spool {self.options.spool_dir}" if self.options.spool_dir
+                      else "lost")
 
     async def _seal(self) -> None:
         """Seal the open batch (the lock is held) and wake the sender."""
@@ -148,6 +173,7 @@ class AsyncClient:
 
     async def _wait_idle(self, deadline: float | None) -> None:
         while not self._pipe.idle():
+            self._check_sender()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 spool = self.options.spool_dir
@@ -155,6 +181,15 @@ class AsyncClient:
             await self._wait(left)
 
     async def _run(self) -> None:
+        try:
+            await self._send_loop()
+        except Exception as exc:  # a bug or a spool I/O error: say so, and fail the callers' next calls
+            log.exception("the client's sender stopped")
+            async with self._cond:
+                self._fatal = exc
+                self._cond.notify_all()
+
+    async def _send_loop(self) -> None:
         """The sender task: seal batches due by age, deliver the oldest sealed one, repeat."""
         while True:
             async with self._cond:
@@ -181,7 +216,7 @@ class AsyncClient:
             try:
                 resp = await self._http.post(self.options.endpoint, content=body, headers=headers)
                 verdict = judge(resp.status_code, resp.headers.get("retry-after"), resp.content, batch, ndjson)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # connection, timeout, protocol, decoding
                 verdict = Verdict(Outcome.RETRY, None, reason=f"{type(exc).__name__}: {exc}")
             if verdict.outcome is not Outcome.RETRY:
                 return verdict

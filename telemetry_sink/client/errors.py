@@ -47,6 +47,18 @@ class PendingFullError(ClientError):
                 f"server is not taking records fast enough; raise max_pending_bytes or block_timeout_s")
 
 
+class SenderFailedError(ClientError):
+    """The background sender stopped on an unexpected error (logged with its traceback); the client is unusable.
+
+    With a spool the pending records are still on disk for the next client.
+    """
+
+    def __init__(self, cause: BaseException, pending_records: int) -> None:
+        super().__init__(f"the client's sender stopped ({type(cause).__name__}: {cause}); {pending_records} "
+                         f"records not delivered")
+        self.pending_records = pending_records
+
+
 @dataclass
 class DeliveryTimeout(ClientError):
     """`flush`/`close` ran out of time with records still undelivered (the server is down or refusing with 503/429).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import threading
 import time
 from collections.abc import Iterable
@@ -10,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from .batching import Batch, Record, build_request, encode_record
-from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError
+from .batching import CHUNK, Batch, Record, build_request, encode_record
+from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
 from .options import ClientOptions
 from .pipeline import Pipeline, Stats, Verdict, judge, log, open_store
 from .retry import Outcome
@@ -27,14 +29,17 @@ class Client:
 
     def __init__(self, url: str, **options: Any) -> None:
         self.options = ClientOptions(url=url, **options)
+        verify = self.options.ssl_context()  # before the spool is locked: a bad certificate path fails here
         self._pipe = Pipeline(self.options, open_store(self.options))
         self._cond = threading.Condition()
         self._abort = threading.Event()
         self._closed = False
         self._stopping = False
-        self._http = httpx.Client(verify=self.options.ssl_context(), timeout=self.options.timeout_s)
+        self._fatal: BaseException | None = None
+        self._http = httpx.Client(verify=verify, timeout=self.options.timeout_s)
         self._thread = threading.Thread(target=self._run, name="telemetry-sink-client", daemon=True)
         self._thread.start()
+        atexit.register(self._at_exit)
 
     @property
     def stats(self) -> Stats:
@@ -50,11 +55,21 @@ class Client:
         self.send_many((record,))
 
     def send_many(self, records: Iterable[Record]) -> None:
-        """Queue several records (cheaper than one `send` each: one lock round trip)."""
-        lines = [encode_record(r, self.options.max_batch_bytes) for r in records]
+        """Queue several records (cheaper than one `send` each: one lock round trip per 1000).
+
+        Not atomic: when a record cannot be encoded or `PendingFullError` is raised, the records before it
+        were taken. A refusal of an earlier batch is raised before any record is taken.
+        """
         deadline = None if self.options.block_timeout_s is None else time.monotonic() + self.options.block_timeout_s
+        it = iter(records)
+        first = True
+        while chunk := [encode_record(r, self.options.max_batch_bytes) for r in itertools.islice(it, CHUNK)]:
+            self._take(chunk, deadline, report=first)
+            first = False
+
+    def _take(self, lines: list[bytes], deadline: float | None, report: bool) -> None:
         with self._cond:
-            self._check_open()
+            self._check_open(report)
             pipe = self._pipe
             for line in lines:
                 if pipe.must_seal_before(line):
@@ -91,17 +106,18 @@ class Client:
         Raises `DeliveryTimeout` if records were left undelivered (with a spool they stay on disk), else the
         first refusal not yet raised; calling it again raises the next one, until none is left.
         """
-        timed_out: DeliveryTimeout | None = None
+        timed_out: ClientError | None = None
         with self._cond:
             if self._closed:
                 self._pipe.raise_error()  # the next refusal not yet raised, if any
                 return
             self._closed = True
+            atexit.unregister(self._at_exit)
             self._pipe.store.seal()
             self._cond.notify_all()
             try:
                 self._wait_idle(None if timeout is None else time.monotonic() + timeout)
-            except DeliveryTimeout as exc:
+            except (DeliveryTimeout, SenderFailedError) as exc:
                 timed_out = exc
             self._stopping = True
             self._abort.set()
@@ -130,20 +146,42 @@ class Client:
 
     # -- internals --
 
-    def _check_open(self) -> None:
+    def _check_open(self, report: bool = True) -> None:
         if self._closed:
             raise ClientClosedError("client is closed")
-        self._pipe.raise_error()
+        self._check_sender()
+        if report:
+            self._pipe.raise_error()
+
+    def _check_sender(self) -> None:
+        if self._fatal is not None:
+            raise SenderFailedError(self._fatal, self._pipe.pending_records()) from self._fatal
 
     def _wait_idle(self, deadline: float | None) -> None:
         while not self._pipe.idle():
+            self._check_sender()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 spool = self.options.spool_dir
                 raise DeliveryTimeout(self._pipe.pending_records(), str(spool) if spool else None)
             self._cond.wait(left)
 
+    def _at_exit(self) -> None:
+        pending = self._pipe.pending_records()
+        if pending:
+            log.error("the process exits with %d records handed to a Client that was never closed: %s", pending,
+                      f"they stay in the spool {self.options.spool_dir}" if self.options.spool_dir else "lost")
+
     def _run(self) -> None:
+        try:
+            self._send_loop()
+        except BaseException as exc:  # a bug or a spool I/O error: say so, and fail the callers' next calls
+            log.exception("the client's sender stopped")
+            with self._cond:
+                self._fatal = exc
+                self._cond.notify_all()
+
+    def _send_loop(self) -> None:
         """The sender thread: seal batches that are due by age, deliver the oldest sealed one, repeat."""
         while True:
             with self._cond:
@@ -170,7 +208,7 @@ class Client:
             try:
                 resp = self._http.post(self.options.endpoint, content=body, headers=headers)
                 verdict = judge(resp.status_code, resp.headers.get("retry-after"), resp.content, batch, ndjson)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # connection, timeout, protocol, decoding
                 verdict = Verdict(Outcome.RETRY, None, reason=f"{type(exc).__name__}: {exc}")
             if verdict.outcome is not Outcome.RETRY:
                 return verdict
