@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import itertools
 import time
@@ -14,14 +13,14 @@ from typing import Any
 import httpx
 
 from .batching import CHUNK, Batch, Record, build_request, encode_record
-from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
-from .options import ClientOptions
-from .pipeline import Pipeline, Stats, Verdict, judge, log, open_store
+from .errors import ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
+from .front import FrontEnd, deadline_after
+from .pipeline import Verdict, judge, log
 from .retry import Outcome
 from .spool import DiskSpool
 
 
-class AsyncClient:
+class AsyncClient(FrontEnd):
     """Send records to a telemetry-sink server from asyncio code. Keyword arguments: see `ClientOptions`.
 
     Use it from one event loop. `await send(...)` returns once the record is batched; it waits only when the
@@ -30,22 +29,12 @@ class AsyncClient:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.options = ClientOptions(url=url, **options)
-        verify = self.options.ssl_context()  # before the spool is locked: a bad certificate path fails here
-        self._pipe = Pipeline(self.options, open_store(self.options))
+        super().__init__(url, options)
         self._fsync_in_thread = isinstance(self._pipe.store, DiskSpool) and self.options.spool_fsync == "batch"
         self._cond = asyncio.Condition()
         self._abort = asyncio.Event()
-        self._closed = False
-        self._stopping = False
-        self._fatal: BaseException | None = None
-        self._http = httpx.AsyncClient(verify=verify, timeout=self.options.timeout_s)
+        self._http = httpx.AsyncClient(verify=self._verify, timeout=self.options.timeout_s)
         self._task: asyncio.Task[None] | None = None
-        atexit.register(self._at_exit)
-
-    @property
-    def stats(self) -> Stats:
-        return self._pipe.stats
 
     def pending_records(self) -> int:
         """Records handed over and not yet delivered (including the batch on the wire)."""
@@ -57,7 +46,7 @@ class AsyncClient:
 
     async def send_many(self, records: Iterable[Record]) -> None:
         """Queue several records (not atomic, as `Client.send_many`)."""
-        deadline = None if self.options.block_timeout_s is None else time.monotonic() + self.options.block_timeout_s
+        deadline = deadline_after(self.options.block_timeout_s)
         it = iter(records)
         first = True
         while chunk := [encode_record(r, self.options.max_batch_bytes) for r in itertools.islice(it, CHUNK)]:
@@ -84,7 +73,7 @@ class AsyncClient:
 
     async def flush(self, timeout: float | None = None) -> None:
         """Send the open batch now and wait until everything handed over so far is delivered (see `Client.flush`)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         async with self._cond:
             self._check_open()
             await self._seal()
@@ -98,12 +87,11 @@ class AsyncClient:
             if self._closed:
                 self._pipe.raise_error()  # the next refusal not yet raised, if any
                 return
-            self._closed = True
-            atexit.unregister(self._at_exit)
+            self._mark_closed()
             self._start()
             await self._seal()
             try:
-                await self._wait_idle(None if timeout is None else time.monotonic() + timeout)
+                await self._wait_idle(deadline_after(timeout))
             except (DeliveryTimeout, SenderFailedError) as exc:
                 timed_out = exc
             self._stopping = True
@@ -138,23 +126,9 @@ class AsyncClient:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-sink-client")
 
     def _check_open(self, report: bool = True) -> None:
-        if self._closed:
-            raise ClientClosedError("client is closed")
-        self._start()
-        self._check_sender()
-        if report:
-            self._pipe.raise_error()
-
-    def _check_sender(self) -> None:
-        if self._fatal is not None:
-            raise SenderFailedError(self._fatal, self._pipe.pending_records()) from self._fatal
-
-    def _at_exit(self) -> None:
-        pending = self._pipe.pending_records()
-        if pending:
-            log.error("the process exits with %d records handed to an AsyncClient that was never closed: %s",
-                      pending, f"they stay in the spool {self.options.spool_dir}" if self.options.spool_dir
-                      else "lost")
+        if not self._closed:
+            self._start()
+        super()._check_open(report)
 
     async def _seal(self) -> None:
         """Seal the open batch (the lock is held) and wake the sender."""
@@ -176,8 +150,7 @@ class AsyncClient:
             self._check_sender()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                spool = self.options.spool_dir
-                raise DeliveryTimeout(self._pipe.pending_records(), str(spool) if spool else None)
+                raise self._timeout_error()
             await self._wait(left)
 
     async def _run(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import threading
 import time
@@ -13,13 +12,13 @@ from typing import Any
 import httpx
 
 from .batching import CHUNK, Batch, Record, build_request, encode_record
-from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
-from .options import ClientOptions
-from .pipeline import Pipeline, Stats, Verdict, judge, log, open_store
+from .errors import ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
+from .front import FrontEnd, deadline_after
+from .pipeline import Verdict, judge, log
 from .retry import Outcome
 
 
-class Client:
+class Client(FrontEnd):
     """Send records to a telemetry-sink server; thread-safe. Keyword arguments: see `ClientOptions`.
 
     `send` returns once the record is batched (in memory, or written to the spool); delivery happens in the
@@ -28,22 +27,12 @@ class Client:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.options = ClientOptions(url=url, **options)
-        verify = self.options.ssl_context()  # before the spool is locked: a bad certificate path fails here
-        self._pipe = Pipeline(self.options, open_store(self.options))
+        super().__init__(url, options)
         self._cond = threading.Condition()
         self._abort = threading.Event()
-        self._closed = False
-        self._stopping = False
-        self._fatal: BaseException | None = None
-        self._http = httpx.Client(verify=verify, timeout=self.options.timeout_s)
+        self._http = httpx.Client(verify=self._verify, timeout=self.options.timeout_s)
         self._thread = threading.Thread(target=self._run, name="telemetry-sink-client", daemon=True)
         self._thread.start()
-        atexit.register(self._at_exit)
-
-    @property
-    def stats(self) -> Stats:
-        return self._pipe.stats
 
     def pending_records(self) -> int:
         """Records handed over and not yet delivered (including the batch on the wire)."""
@@ -60,7 +49,7 @@ class Client:
         Not atomic: when a record cannot be encoded or `PendingFullError` is raised, the records before it
         were taken. A refusal of an earlier batch is raised before any record is taken.
         """
-        deadline = None if self.options.block_timeout_s is None else time.monotonic() + self.options.block_timeout_s
+        deadline = deadline_after(self.options.block_timeout_s)
         it = iter(records)
         first = True
         while chunk := [encode_record(r, self.options.max_batch_bytes) for r in itertools.islice(it, CHUNK)]:
@@ -92,7 +81,7 @@ class Client:
         Raises `DeliveryTimeout` after `timeout` seconds (nothing is lost by that: delivery goes on), and the
         `RejectedError` of any batch refused meanwhile.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         with self._cond:
             self._check_open()
             self._pipe.store.seal()
@@ -111,12 +100,11 @@ class Client:
             if self._closed:
                 self._pipe.raise_error()  # the next refusal not yet raised, if any
                 return
-            self._closed = True
-            atexit.unregister(self._at_exit)
+            self._mark_closed()
             self._pipe.store.seal()
             self._cond.notify_all()
             try:
-                self._wait_idle(None if timeout is None else time.monotonic() + timeout)
+                self._wait_idle(deadline_after(timeout))
             except (DeliveryTimeout, SenderFailedError) as exc:
                 timed_out = exc
             self._stopping = True
@@ -146,31 +134,13 @@ class Client:
 
     # -- internals --
 
-    def _check_open(self, report: bool = True) -> None:
-        if self._closed:
-            raise ClientClosedError("client is closed")
-        self._check_sender()
-        if report:
-            self._pipe.raise_error()
-
-    def _check_sender(self) -> None:
-        if self._fatal is not None:
-            raise SenderFailedError(self._fatal, self._pipe.pending_records()) from self._fatal
-
     def _wait_idle(self, deadline: float | None) -> None:
         while not self._pipe.idle():
             self._check_sender()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                spool = self.options.spool_dir
-                raise DeliveryTimeout(self._pipe.pending_records(), str(spool) if spool else None)
+                raise self._timeout_error()
             self._cond.wait(left)
-
-    def _at_exit(self) -> None:
-        pending = self._pipe.pending_records()
-        if pending:
-            log.error("the process exits with %d records handed to a Client that was never closed: %s", pending,
-                      f"they stay in the spool {self.options.spool_dir}" if self.options.spool_dir else "lost")
 
     def _run(self) -> None:
         try:
