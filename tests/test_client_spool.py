@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ServerProcess, free_port, read_records, wait_for
@@ -154,3 +155,31 @@ def test_a_spool_fault_stops_the_sender_loudly(start_server: StartServer, tmp_pa
         client.close(timeout=5)
     assert any("sender stopped" in r.getMessage() and r.exc_info for r in caplog.records)
     assert list(spool.glob("*.batch")), "the batch stays in the spool"
+
+
+# Hands over one batch and waits a minute between attempts: killed after its first answer was lost.
+PATIENT_CLIENT = """
+import sys
+from telemetry_sink.client import Client, RetryPolicy
+client = Client(sys.argv[2], spool_dir=sys.argv[1], retry=RetryPolicy(initial_backoff_s=60, max_backoff_s=60))
+client.send_many({"node_id": "restart", "i": i} for i in range(20))
+client.flush(timeout=600)
+"""
+
+
+def test_a_restarted_client_retries_a_spooled_batch_with_its_key(start_server: StartServer, tmp_path: Path,
+                                                                 recording_proxy: Callable[..., Any]) -> None:
+    server = start_server()
+    proxy = recording_proxy(server.port, faults=lambda n, ex: "drop_response" if n == 0 else "")
+    spool = tmp_path / "spool"
+    with subprocess.Popen([sys.executable, "-c", PATIENT_CLIENT, str(spool), proxy.url]) as first:
+        try:
+            wait_for(lambda: proxy.snapshot() and proxy.snapshot()[0].server_status, what="the first attempt stored")
+        finally:
+            first.send_signal(signal.SIGKILL)
+    second = subprocess.run([sys.executable, "-c", SECOND_CLIENT, str(spool), proxy.url], capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    lost, again = proxy.snapshot()
+    assert (lost.fault, lost.server_status, lost.status, again.status) == ("drop_response", 202, None, 202)
+    assert again.headers["idempotency-key"] == lost.headers["idempotency-key"] and again.body == lost.body
