@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What to change when a refusal is about the client's settings rather than a record.
+HINTS = {
+    401: " (check the client's token)",
+    413: " (set the client's max_batch_bytes below the server's [ingest] max_body_bytes)",
+}
+
 
 class ClientError(Exception):
     """Base class of every error the client raises on purpose."""
@@ -31,8 +37,9 @@ class RejectedError(ClientError):
 
     def __str__(self) -> str:
         where = f" at index {self.index}" if self.index is not None else ""
+        hint = HINTS.get(self.status, "")
         return (f"server refused a batch of {len(self.records)} records: {self.status} "
-                f"{self.error or 'error'}{where}: {self.detail or '(no detail)'}")
+                f"{self.error or 'error'}{where}: {self.detail or '(no detail)'}{hint}")
 
 
 @dataclass
