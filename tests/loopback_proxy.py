@@ -22,6 +22,7 @@ class Exchange:
     body: bytes
     sent_at: float
     status: int | None = None  # None: no answer reached the client (fault, or the server was down)
+    server_status: int | None = None  # the server's answer, also when the proxy then lost it
     answered_at: float | None = None
     answer_headers: dict[str, str] = field(default_factory=dict)
     fault: str = ""
@@ -93,6 +94,7 @@ class RecordingProxy:
                     upstream[1].write(head + ex.body)
                     await upstream[1].drain()
                     status, answer_headers, answer = await _read_response(upstream[0])
+                    ex.server_status = status
                 except (OSError, asyncio.IncompleteReadError):
                     return  # the server is down or went away: the client sees its connection close
                 if ex.fault == "drop_response":

@@ -199,6 +199,7 @@ def test_bearer_token_is_sent_and_401_is_surfaced(start_server: StartServer, tmp
     with pytest.raises(RejectedError) as caught:
         client.close()
     assert (caught.value.status, caught.value.error) == (401, "unauthorized")
+    assert "check the client's token" in str(caught.value)
     assert stored_indexes(server, 3) == [0, 1, 2]
 
 
@@ -244,3 +245,11 @@ print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m in
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"imported: {proc.stdout}"
+
+
+def test_413_says_which_setting_to_change(start_server: StartServer) -> None:
+    server = start_server({"ingest": {"max_body_bytes": 2048}})
+    with pytest.raises(RejectedError, match="max_batch_bytes below the server's") as caught, \
+            Client(server.url, max_batch_bytes=8192) as client:
+        client.send_many(records(40, pad=60))  # ~4 KB
+    assert (caught.value.status, caught.value.error) == (413, "payload_too_large")

@@ -9,11 +9,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ServerProcess, free_port, read_records, wait_for
 
-from telemetry_sink.client import Client, DeliveryTimeout, PendingFullError, RetryPolicy, SpoolLockedError
+from telemetry_sink.client import (
+    Client,
+    DeliveryTimeout,
+    PendingFullError,
+    RetryPolicy,
+    SenderFailedError,
+    SpoolLockedError,
+)
 
 StartServer = Callable[..., ServerProcess]
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.3)
@@ -130,3 +138,48 @@ def test_one_client_process_per_spool(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with Client(url, spool_dir=tmp_path / "spool"), pytest.raises(SpoolLockedError, match="in use by another"):
         Client(url, spool_dir=tmp_path / "spool")
+
+
+def test_a_spool_fault_stops_the_sender_loudly(start_server: StartServer, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    server = start_server()
+    spool = tmp_path / "spool"
+    client = Client(server.url, spool_dir=spool)
+    (spool / "rejected").rmdir()  # an operator tidying up: the refused batch cannot be kept
+    client.send({"i": 0})  # no node_id: refused
+    with pytest.raises(SenderFailedError, match=r"sender stopped .*FileNotFoundError.*1 records not delivered"):
+        client.flush(timeout=30)
+    with pytest.raises(SenderFailedError):
+        client.send({"node_id": "after", "i": 1})
+    with pytest.raises(SenderFailedError):
+        client.close(timeout=5)
+    assert any("sender stopped" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert list(spool.glob("*.batch")), "the batch stays in the spool"
+
+
+# Hands over one batch and waits a minute between attempts: killed after its first answer was lost.
+PATIENT_CLIENT = """
+import sys
+from telemetry_sink.client import Client, RetryPolicy
+client = Client(sys.argv[2], spool_dir=sys.argv[1], retry=RetryPolicy(initial_backoff_s=60, max_backoff_s=60))
+client.send_many({"node_id": "restart", "i": i} for i in range(20))
+client.flush(timeout=600)
+"""
+
+
+def test_a_restarted_client_retries_a_spooled_batch_with_its_key(start_server: StartServer, tmp_path: Path,
+                                                                 recording_proxy: Callable[..., Any]) -> None:
+    server = start_server()
+    proxy = recording_proxy(server.port, faults=lambda n, ex: "drop_response" if n == 0 else "")
+    spool = tmp_path / "spool"
+    with subprocess.Popen([sys.executable, "-c", PATIENT_CLIENT, str(spool), proxy.url]) as first:
+        try:
+            wait_for(lambda: proxy.snapshot() and proxy.snapshot()[0].server_status, what="the first attempt stored")
+        finally:
+            first.send_signal(signal.SIGKILL)
+    second = subprocess.run([sys.executable, "-c", SECOND_CLIENT, str(spool), proxy.url], capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    lost, again = proxy.snapshot()
+    assert (lost.fault, lost.server_status, lost.status, again.status) == ("drop_response", 202, None, 202)
+    assert again.headers["idempotency-key"] == lost.headers["idempotency-key"] and again.body == lost.body

@@ -1,5 +1,5 @@
 """`telemetry-sink send` against a real server: files and stdin, --node-id, a bad input line, refusals,
-an outage with and without --spool, the progress line on a terminal."""
+an outage with and without --spool, the progress bar on a terminal."""
 
 from __future__ import annotations
 
@@ -41,7 +41,11 @@ def test_send_files_and_stdin(start_server: StartServer, tmp_path: Path) -> None
 
 
 def test_send_fills_in_node_id_and_takes_the_url_from_a_config(start_server: StartServer) -> None:
-    server = start_server(port=free_port())  # the config must name the port the server listens on
+    picked = start_server()
+    refused = run_cli("send", "--config", str(picked.config_path), input=ndjson(1))
+    assert refused.returncode == 2 and b"[server] port: 0" in refused.stderr
+    picked.stop()
+    server = start_server(port=free_port())
     proc = run_cli("send", "--config", str(server.config_path), "--node-id", "filled", input=ndjson(3, node=None))
     assert proc.returncode == 0, proc.stderr.decode()
     assert [r["node_id"] for r in stored(server, 3)] == ["filled"] * 3
@@ -83,7 +87,7 @@ def test_an_outage_leaves_records_in_the_spool_for_the_next_run(start_server: St
     assert [r["i"] for r in stored(server, 5)] == [0, 1, 2, 3, 4]
 
 
-def test_progress_line_on_a_terminal(start_server: StartServer, tmp_path: Path) -> None:
+def test_progress_bar_on_a_terminal(start_server: StartServer, tmp_path: Path) -> None:
     server = start_server()
     source = tmp_path / "in.ndjson"
     source.write_bytes(ndjson(3000))
@@ -108,5 +112,5 @@ def test_progress_line_on_a_terminal(start_server: StartServer, tmp_path: Path) 
         if child >= 0:
             os.close(child)
     assert proc.returncode == 0
-    assert b"\rsent 3,000 records (" in out and b"0 pending" in out
+    assert b"send" in out and b"3,000 records" in out, out
     assert len(stored(server, 3000)) == 3000

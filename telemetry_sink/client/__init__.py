@@ -11,7 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError, RejectedError
+from .errors import (
+    ClientClosedError,
+    ClientError,
+    DeliveryTimeout,
+    PendingFullError,
+    RejectedError,
+    SenderFailedError,
+)
 
 if TYPE_CHECKING:
     from .async_client import AsyncClient
@@ -43,6 +50,7 @@ __all__ = [
     "Record",
     "RejectedError",
     "RetryPolicy",
+    "SenderFailedError",
     "SpoolLockedError",
     "Stats",
 ]

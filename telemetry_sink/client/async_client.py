@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Iterable
 from types import TracebackType
@@ -11,15 +12,15 @@ from typing import Any
 
 import httpx
 
-from .batching import Batch, Record, build_request, encode_record
-from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError
-from .options import ClientOptions
-from .pipeline import Pipeline, Stats, Verdict, judge, log, open_store
+from .batching import CHUNK, Batch, Record, build_request, encode_record
+from .errors import ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
+from .front import FrontEnd, deadline_after
+from .pipeline import Verdict, judge, log
 from .retry import Outcome
 from .spool import DiskSpool
 
 
-class AsyncClient:
+class AsyncClient(FrontEnd):
     """Send records to a telemetry-sink server from asyncio code. Keyword arguments: see `ClientOptions`.
 
     Use it from one event loop. `await send(...)` returns once the record is batched; it waits only when the
@@ -28,19 +29,12 @@ class AsyncClient:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.options = ClientOptions(url=url, **options)
-        self._pipe = Pipeline(self.options, open_store(self.options))
+        super().__init__(url, options)
         self._fsync_in_thread = isinstance(self._pipe.store, DiskSpool) and self.options.spool_fsync == "batch"
         self._cond = asyncio.Condition()
         self._abort = asyncio.Event()
-        self._closed = False
-        self._stopping = False
-        self._http = httpx.AsyncClient(verify=self.options.ssl_context(), timeout=self.options.timeout_s)
+        self._http = httpx.AsyncClient(verify=self._verify, timeout=self.options.timeout_s)
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def stats(self) -> Stats:
-        return self._pipe.stats
 
     def pending_records(self) -> int:
         """Records handed over and not yet delivered (including the batch on the wire)."""
@@ -51,11 +45,17 @@ class AsyncClient:
         await self.send_many((record,))
 
     async def send_many(self, records: Iterable[Record]) -> None:
-        """Queue several records."""
-        lines = [encode_record(r, self.options.max_batch_bytes) for r in records]
-        deadline = None if self.options.block_timeout_s is None else time.monotonic() + self.options.block_timeout_s
+        """Queue several records (not atomic, as `Client.send_many`)."""
+        deadline = deadline_after(self.options.block_timeout_s)
+        it = iter(records)
+        first = True
+        while chunk := [encode_record(r, self.options.max_batch_bytes) for r in itertools.islice(it, CHUNK)]:
+            await self._take(chunk, deadline, report=first)
+            first = False
+
+    async def _take(self, lines: list[bytes], deadline: float | None, report: bool) -> None:
         async with self._cond:
-            self._check_open()
+            self._check_open(report)
             pipe = self._pipe
             for line in lines:
                 if pipe.must_seal_before(line):
@@ -73,7 +73,7 @@ class AsyncClient:
 
     async def flush(self, timeout: float | None = None) -> None:
         """Send the open batch now and wait until everything handed over so far is delivered (see `Client.flush`)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         async with self._cond:
             self._check_open()
             await self._seal()
@@ -82,17 +82,17 @@ class AsyncClient:
 
     async def close(self, timeout: float | None = 30.0) -> None:
         """Flush (up to `timeout` seconds), stop the sender, release the connection and the spool."""
-        timed_out: DeliveryTimeout | None = None
+        timed_out: ClientError | None = None
         async with self._cond:
             if self._closed:
                 self._pipe.raise_error()  # the next refusal not yet raised, if any
                 return
-            self._closed = True
+            self._mark_closed()
             self._start()
             await self._seal()
             try:
-                await self._wait_idle(None if timeout is None else time.monotonic() + timeout)
-            except DeliveryTimeout as exc:
+                await self._wait_idle(deadline_after(timeout))
+            except (DeliveryTimeout, SenderFailedError) as exc:
                 timed_out = exc
             self._stopping = True
             self._abort.set()
@@ -125,11 +125,10 @@ class AsyncClient:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-sink-client")
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosedError("client is closed")
-        self._start()
-        self._pipe.raise_error()
+    def _check_open(self, report: bool = True) -> None:
+        if not self._closed:
+            self._start()
+        super()._check_open(report)
 
     async def _seal(self) -> None:
         """Seal the open batch (the lock is held) and wake the sender."""
@@ -148,13 +147,22 @@ class AsyncClient:
 
     async def _wait_idle(self, deadline: float | None) -> None:
         while not self._pipe.idle():
+            self._check_sender()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                spool = self.options.spool_dir
-                raise DeliveryTimeout(self._pipe.pending_records(), str(spool) if spool else None)
+                raise self._timeout_error()
             await self._wait(left)
 
     async def _run(self) -> None:
+        try:
+            await self._send_loop()
+        except Exception as exc:  # a bug or a spool I/O error: say so, and fail the callers' next calls
+            log.exception("the client's sender stopped")
+            async with self._cond:
+                self._fatal = exc
+                self._cond.notify_all()
+
+    async def _send_loop(self) -> None:
         """The sender task: seal batches due by age, deliver the oldest sealed one, repeat."""
         while True:
             async with self._cond:
@@ -181,7 +189,7 @@ class AsyncClient:
             try:
                 resp = await self._http.post(self.options.endpoint, content=body, headers=headers)
                 verdict = judge(resp.status_code, resp.headers.get("retry-after"), resp.content, batch, ndjson)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # connection, timeout, protocol, decoding
                 verdict = Verdict(Outcome.RETRY, None, reason=f"{type(exc).__name__}: {exc}")
             if verdict.outcome is not Outcome.RETRY:
                 return verdict

@@ -14,6 +14,7 @@ import orjson
 from .options import ClientOptions
 
 Record = Mapping[str, Any] | bytes
+CHUNK = 1000  # records encoded, then taken under one lock, at a time by send_many
 
 
 def encode_record(record: Record, max_bytes: int) -> bytes:

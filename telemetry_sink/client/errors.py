@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What to change when a refusal is about the client's settings rather than a record.
+HINTS = {
+    401: " (check the client's token)",
+    413: " (set the client's max_batch_bytes below the server's [ingest] max_body_bytes)",
+}
+
 
 class ClientError(Exception):
     """Base class of every error the client raises on purpose."""
@@ -31,8 +37,9 @@ class RejectedError(ClientError):
 
     def __str__(self) -> str:
         where = f" at index {self.index}" if self.index is not None else ""
+        hint = HINTS.get(self.status, "")
         return (f"server refused a batch of {len(self.records)} records: {self.status} "
-                f"{self.error or 'error'}{where}: {self.detail or '(no detail)'}")
+                f"{self.error or 'error'}{where}: {self.detail or '(no detail)'}{hint}")
 
 
 @dataclass
@@ -45,6 +52,18 @@ class PendingFullError(ClientError):
     def __str__(self) -> str:
         return (f"client buffer full ({self.pending_bytes} of {self.max_pending_bytes} bytes pending) and the "
                 f"server is not taking records fast enough; raise max_pending_bytes or block_timeout_s")
+
+
+class SenderFailedError(ClientError):
+    """The background sender stopped on an unexpected error (logged with its traceback); the client is unusable.
+
+    With a spool the pending records are still on disk for the next client.
+    """
+
+    def __init__(self, cause: BaseException, pending_records: int) -> None:
+        super().__init__(f"the client's sender stopped ({type(cause).__name__}: {cause}); {pending_records} "
+                         f"records not delivered")
+        self.pending_records = pending_records
 
 
 @dataclass

@@ -8,22 +8,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from ..progress import Progress
 from .errors import ClientError, DeliveryTimeout, RejectedError
 
 if TYPE_CHECKING:  # the CLI registers this command at start-up; httpx is imported only when it runs
     from .batching import Record
-    from .sync_client import Client
 
 EXIT_REFUSED = 1  # the server refused some records for good (each refusal printed)
 EXIT_USAGE = 2  # bad arguments or an input line that is not a JSON object
 EXIT_UNDELIVERED = 3  # records left undelivered when --timeout ran out (kept in --spool when given)
+PROGRESS_EVERY = 1000  # records between progress updates
 URL_ENV = "TELEMETRY_SINK_URL"
 TOKEN_ENV = "TELEMETRY_SINK_TOKEN"
 
@@ -62,8 +62,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", metavar="PATH", help="client private key (PEM), if not in --client-cert")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="give up waiting for delivery after S seconds at the end (300)")
-    p.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
-                   help="a progress line on stderr (auto: when stderr is a terminal)")
     p.add_argument("paths", nargs="*", metavar="FILE", help="NDJSON files ('-' or none: stdin)")
 
 
@@ -77,6 +75,16 @@ def _target(args: argparse.Namespace) -> tuple[str, int]:
     return config.local_url(), min(args.batch_bytes, config.ingest.max_body_bytes)
 
 
+def _input_bytes(paths: Sequence[str]) -> int | None:
+    """What the progress bar counts towards: the files' sizes (None when reading a pipe)."""
+    if not paths or "-" in paths:
+        return None
+    try:
+        return sum(os.path.getsize(p) for p in paths)
+    except OSError:
+        return None  # reported with its name when it is opened
+
+
 def _token(args: argparse.Namespace) -> str | None:
     if args.token_file:
         return Path(args.token_file).read_text().strip()
@@ -84,14 +92,12 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _records(paths: Sequence[str], node_id: str | None) -> Iterator[tuple[int, Record]]:
-    """(bytes read so far, record) for every non-blank line; raises InputError at a line that is not an object."""
-    read = 0
+    """(bytes of its line, record) for every non-blank line; raises InputError at a line that is not an object."""
     for name in paths or ["-"]:
         stream: IO[bytes] = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
         try:
-            for lineno, line in enumerate(stream, 1):
-                read += len(line)
-                line = line.strip()
+            for lineno, raw in enumerate(stream, 1):
+                line = raw.strip()
                 if not line:
                     continue
                 try:
@@ -102,31 +108,12 @@ def _records(paths: Sequence[str], node_id: str | None) -> Iterator[tuple[int, R
                     raise InputError(f"{name}:{lineno}: not a JSON object")
                 if node_id is not None and "node_id" not in value:
                     value["node_id"] = node_id
-                    yield read, value
+                    yield len(raw), value
                 else:
-                    yield read, line  # already valid JSON: sent as read, not re-encoded
+                    yield len(raw), line  # already valid JSON: sent as read, not re-encoded
         finally:
             if stream is not sys.stdin.buffer:
                 stream.close()
-
-
-class Progress:
-    """`sent N records (R/s), P pending` on one line of stderr, redrawn at most twice a second."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.started = self._last = time.monotonic()
-
-    def show(self, client: Client, read: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self._last < 0.5):
-            return
-        self._last = now
-        sent = client.stats.records_sent
-        rate = sent / max(now - self.started, 1e-9)
-        sys.stderr.write(f"\rsent {sent:,} records ({rate:,.0f}/s), {client.pending_records():,} pending, "
-                         f"{read / 1e6:,.1f} MB read\x1b[K" + ("\n" if final else ""))
-        sys.stderr.flush()
 
 
 def _report(exc: RejectedError) -> None:
@@ -146,23 +133,27 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, ClientError) as exc:
         print(f"telemetry-sink send: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    progress = Progress(args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty()))
     refused = 0
     status = 0
-    read = 0
-    try:
-        for read, record in _records(args.paths, args.node_id):
-            while True:
-                try:
-                    client.send(record)
-                    break
-                except RejectedError as exc:  # an earlier batch's refusal; this record was not taken yet
-                    refused += len(exc.records)
-                    _report(exc)
-            progress.show(client, read)
-    except (InputError, OSError) as exc:
-        print(f"telemetry-sink send: error: {exc}", file=sys.stderr)
-        status = EXIT_USAGE
+    with Progress("send", _input_bytes(args.paths)) as progress:
+        done = done_bytes = 0
+        try:
+            for nbytes, record in _records(args.paths, args.node_id):
+                while True:
+                    try:
+                        client.send(record)
+                        break
+                    except RejectedError as exc:  # an earlier batch's refusal; this record was not taken yet
+                        refused += len(exc.records)
+                        _report(exc)
+                done, done_bytes = done + 1, done_bytes + nbytes
+                if done == PROGRESS_EVERY:
+                    progress.advance(done, done_bytes)
+                    done = done_bytes = 0
+        except (InputError, OSError) as exc:
+            print(f"telemetry-sink send: error: {exc}", file=sys.stderr)
+            status = EXIT_USAGE
+        progress.advance(done, done_bytes)
     while True:  # close() raises each refusal not yet reported, one a call, then returns
         try:
             client.close(timeout=args.timeout)
@@ -173,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
         except DeliveryTimeout as exc:
             print(f"telemetry-sink send: {exc}", file=sys.stderr)
             status = status or EXIT_UNDELIVERED
-    progress.show(client, read, final=True)
     if refused:
         print(f"telemetry-sink send: {refused} records refused by the server", file=sys.stderr)
     return status or (EXIT_REFUSED if refused else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterable
@@ -10,14 +11,14 @@ from typing import Any
 
 import httpx
 
-from .batching import Batch, Record, build_request, encode_record
-from .errors import ClientClosedError, ClientError, DeliveryTimeout, PendingFullError
-from .options import ClientOptions
-from .pipeline import Pipeline, Stats, Verdict, judge, log, open_store
+from .batching import CHUNK, Batch, Record, build_request, encode_record
+from .errors import ClientError, DeliveryTimeout, PendingFullError, SenderFailedError
+from .front import FrontEnd, deadline_after
+from .pipeline import Verdict, judge, log
 from .retry import Outcome
 
 
-class Client:
+class Client(FrontEnd):
     """Send records to a telemetry-sink server; thread-safe. Keyword arguments: see `ClientOptions`.
 
     `send` returns once the record is batched (in memory, or written to the spool); delivery happens in the
@@ -26,19 +27,12 @@ class Client:
     """
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.options = ClientOptions(url=url, **options)
-        self._pipe = Pipeline(self.options, open_store(self.options))
+        super().__init__(url, options)
         self._cond = threading.Condition()
         self._abort = threading.Event()
-        self._closed = False
-        self._stopping = False
-        self._http = httpx.Client(verify=self.options.ssl_context(), timeout=self.options.timeout_s)
+        self._http = httpx.Client(verify=self._verify, timeout=self.options.timeout_s)
         self._thread = threading.Thread(target=self._run, name="telemetry-sink-client", daemon=True)
         self._thread.start()
-
-    @property
-    def stats(self) -> Stats:
-        return self._pipe.stats
 
     def pending_records(self) -> int:
         """Records handed over and not yet delivered (including the batch on the wire)."""
@@ -50,11 +44,21 @@ class Client:
         self.send_many((record,))
 
     def send_many(self, records: Iterable[Record]) -> None:
-        """Queue several records (cheaper than one `send` each: one lock round trip)."""
-        lines = [encode_record(r, self.options.max_batch_bytes) for r in records]
-        deadline = None if self.options.block_timeout_s is None else time.monotonic() + self.options.block_timeout_s
+        """Queue several records (cheaper than one `send` each: one lock round trip per 1000).
+
+        Not atomic: when a record cannot be encoded or `PendingFullError` is raised, the records before it
+        were taken. A refusal of an earlier batch is raised before any record is taken.
+        """
+        deadline = deadline_after(self.options.block_timeout_s)
+        it = iter(records)
+        first = True
+        while chunk := [encode_record(r, self.options.max_batch_bytes) for r in itertools.islice(it, CHUNK)]:
+            self._take(chunk, deadline, report=first)
+            first = False
+
+    def _take(self, lines: list[bytes], deadline: float | None, report: bool) -> None:
         with self._cond:
-            self._check_open()
+            self._check_open(report)
             pipe = self._pipe
             for line in lines:
                 if pipe.must_seal_before(line):
@@ -77,7 +81,7 @@ class Client:
         Raises `DeliveryTimeout` after `timeout` seconds (nothing is lost by that: delivery goes on), and the
         `RejectedError` of any batch refused meanwhile.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         with self._cond:
             self._check_open()
             self._pipe.store.seal()
@@ -91,17 +95,17 @@ class Client:
         Raises `DeliveryTimeout` if records were left undelivered (with a spool they stay on disk), else the
         first refusal not yet raised; calling it again raises the next one, until none is left.
         """
-        timed_out: DeliveryTimeout | None = None
+        timed_out: ClientError | None = None
         with self._cond:
             if self._closed:
                 self._pipe.raise_error()  # the next refusal not yet raised, if any
                 return
-            self._closed = True
+            self._mark_closed()
             self._pipe.store.seal()
             self._cond.notify_all()
             try:
-                self._wait_idle(None if timeout is None else time.monotonic() + timeout)
-            except DeliveryTimeout as exc:
+                self._wait_idle(deadline_after(timeout))
+            except (DeliveryTimeout, SenderFailedError) as exc:
                 timed_out = exc
             self._stopping = True
             self._abort.set()
@@ -130,20 +134,24 @@ class Client:
 
     # -- internals --
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosedError("client is closed")
-        self._pipe.raise_error()
-
     def _wait_idle(self, deadline: float | None) -> None:
         while not self._pipe.idle():
+            self._check_sender()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                spool = self.options.spool_dir
-                raise DeliveryTimeout(self._pipe.pending_records(), str(spool) if spool else None)
+                raise self._timeout_error()
             self._cond.wait(left)
 
     def _run(self) -> None:
+        try:
+            self._send_loop()
+        except BaseException as exc:  # a bug or a spool I/O error: say so, and fail the callers' next calls
+            log.exception("the client's sender stopped")
+            with self._cond:
+                self._fatal = exc
+                self._cond.notify_all()
+
+    def _send_loop(self) -> None:
         """The sender thread: seal batches that are due by age, deliver the oldest sealed one, repeat."""
         while True:
             with self._cond:
@@ -170,7 +178,7 @@ class Client:
             try:
                 resp = self._http.post(self.options.endpoint, content=body, headers=headers)
                 verdict = judge(resp.status_code, resp.headers.get("retry-after"), resp.content, batch, ndjson)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # connection, timeout, protocol, decoding
                 verdict = Verdict(Outcome.RETRY, None, reason=f"{type(exc).__name__}: {exc}")
             if verdict.outcome is not Outcome.RETRY:
                 return verdict
