@@ -163,7 +163,11 @@ class Follower:
         self.warn(f"skipped {message}")
 
     def _emit(self, batch: segment_format.Batch) -> None:
-        plaintexts = self.crypto.decrypt_batch(batch.tokens)
+        # A chunk of tokens at a time: a hostile batch of millions of tiny records stays small in memory.
+        for tokens in batch.token_chunks():
+            self._emit_chunk(batch, self.crypto.decrypt_batch(tokens))
+
+    def _emit_chunk(self, batch: segment_format.Batch, plaintexts: list[bytes | None]) -> None:
         self.records += len(plaintexts)
         keep = self.keep if self.keep.active else None
         if not plaintexts:
@@ -185,6 +189,9 @@ class Follower:
                 continue
             lines.append(plaintext + b"\n")
         self.out.write(b"".join(lines))
+
+
+MAX_LISTED_RECORDS = 20  # verify names this many unauthenticated records per segment, then counts the rest
 
 
 @dataclass
@@ -217,6 +224,7 @@ def verify_segment(ref: SegmentRef, crypto: CryptoService | None, expected_seq: 
 
 def _verify_batches(batches: Iterator[segment_format.Batch | segment_format.Damage], crypto: CryptoService | None,
                     expected_seq: int | None, report: SegmentReport) -> None:
+    unauthenticated = 0
     for item in batches:
         if isinstance(item, segment_format.Damage):
             what = "torn tail" if item.kind == "torn" else "corrupt batch"
@@ -234,10 +242,19 @@ def _verify_batches(batches: Iterator[segment_format.Batch | segment_format.Dama
         if item.count:
             report.last_seq = item.next_seq - 1
         if crypto is not None:
-            for i, plaintext in enumerate(crypto.decrypt_batch(item.tokens)):
-                if plaintext is None:
-                    report.problems.append(f"record {item.first_seq + i} (batch at offset {item.offset}) "
-                                           f"does not authenticate")
+            i = item.first_seq
+            for tokens in item.token_chunks():
+                for plaintext in crypto.decrypt_batch(tokens):
+                    if plaintext is None:
+                        unauthenticated += 1
+                        if unauthenticated <= MAX_LISTED_RECORDS:
+                            report.problems.append(f"record {i} (batch at offset {item.offset}) "
+                                                   f"does not authenticate")
+                    i += 1
+    if unauthenticated > MAX_LISTED_RECORDS:
+        # One line per record would make memory and output grow with a hostile file's size.
+        report.problems.append(f"... and {unauthenticated - MAX_LISTED_RECORDS:,} more records that do not "
+                               f"authenticate ({unauthenticated:,} in all)")
 
 
 def verify_segments(segments: list[SegmentRef], crypto: CryptoService | None,

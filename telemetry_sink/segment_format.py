@@ -5,13 +5,14 @@ The format is normative and documented in docs/log-format.md; keep the two in st
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -68,20 +69,52 @@ def check_file_header(header: bytes) -> None:
         raise SegmentFormatError(f"unsupported flags 0x{flags:04x}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Batch:
-    """One intact batch: where it sits in the file and what it holds."""
+    """One intact batch: where it sits in the file and what it holds.
+
+    Its tokens are read from the image on demand (iter_tokens: one at a time), so a batch of
+    millions of tiny records costs no memory until they are used; use it while the image is open.
+    """
 
     offset: int
     end: int
     first_seq: int
     count: int
     created_ms: int
-    tokens: list[bytes]
+    _image: bytes | mmap.mmap = field(repr=False)
+    _tokens_at: int = field(repr=False)  # where the first record's length sits in _image
 
     @property
     def next_seq(self) -> int:
         return self.first_seq + self.count
+
+    def __eq__(self, other: object) -> bool:
+        """Same place, same header fields, same tokens (wherever each image holds them)."""
+        if not isinstance(other, Batch):
+            return NotImplemented
+        return (self.offset, self.end, self.first_seq, self.count, self.created_ms) == (
+            other.offset, other.end, other.first_seq, other.count, other.created_ms) and self.tokens == other.tokens
+
+    def iter_tokens(self) -> Iterator[bytes]:
+        """The batch's tokens in order, each copied out of the image as it is reached."""
+        image, unpack = self._image, TOKEN_LEN.unpack_from
+        pos = self._tokens_at
+        for _ in range(self.count):
+            (token_len,) = unpack(image, pos)
+            pos += 4
+            yield bytes(image[pos : pos + token_len])
+            pos += token_len
+
+    @property
+    def tokens(self) -> list[bytes]:
+        return list(self.iter_tokens())
+
+    def token_chunks(self, size: int = 4096) -> Iterator[list[bytes]]:
+        """The tokens in lists of at most `size` (for batch decryption in bounded memory)."""
+        tokens = self.iter_tokens()
+        while chunk := list(itertools.islice(tokens, size)):
+            yield chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +131,8 @@ class Damage:
     detail: str
 
 
-def _parse_at(buf: bytes | mmap.mmap, offset: int, size: int, crcs: RangeCrc | None = None) -> Batch | str:
+def _parse_at(buf: bytes | bytearray | mmap.mmap, offset: int, size: int,
+              crcs: RangeCrc | None = None) -> Batch | str:
     """Parse the batch at `offset`; return it, or a string saying why it is invalid.
 
     With `crcs`, the body's CRC comes from prefix CRCs in bounded time instead of hashing the
@@ -125,21 +159,22 @@ def _parse_at(buf: bytes | mmap.mmap, offset: int, size: int, crcs: RangeCrc | N
         if count > (length - BODY_HEADER_SIZE) // TOKEN_LEN.size:
             return "record count runs past the body"
         pos = BODY_HEADER_SIZE
-        tokens: list[bytes] = []
-        for _ in range(count):
+        unpack = TOKEN_LEN.unpack_from
+        for _ in range(count):  # check the record lengths; the tokens are read later, on demand
             if pos + 4 > length:
                 return "record count runs past the body"
-            (token_len,) = TOKEN_LEN.unpack_from(body, pos)
-            pos += 4
-            if pos + token_len > length:
+            (token_len,) = unpack(body, pos)
+            pos += 4 + token_len
+            if pos > length:
                 return "record length runs past the body"
-            tokens.append(bytes(body[pos : pos + token_len]))
-            pos += token_len
         if pos != length:
             return f"{length - pos} stray bytes after the last record"
     finally:
         body.release()
-    return Batch(offset, end, first_seq, count, created_ms, tokens)
+    if isinstance(buf, bytearray):
+        # A window that will be reused (a streamed segment): keep a copy of just this batch's records.
+        return Batch(offset, end, first_seq, count, created_ms, bytes(buf[start + BODY_HEADER_SIZE : end]), 0)
+    return Batch(offset, end, first_seq, count, created_ms, buf, start + BODY_HEADER_SIZE)
 
 
 def _resync(buf: bytes | mmap.mmap, offset: int, size: int, crcs: RangeCrc) -> Batch | None:

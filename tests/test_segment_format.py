@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -201,3 +203,29 @@ def test_shift_agrees_with_the_slow_polynomial_product(n: int) -> None:
     assert crc_range.shift(crc, n) == crc_range._multmodp(crc_range._x8n(n), crc)
     if n < 1 << 16:
         assert crc_range.combine(zlib.crc32(b"abc"), zlib.crc32(bytes(n)), n) == zlib.crc32(b"abc" + bytes(n))
+
+
+def tiny_token_segment(path: Path, size: int) -> Path:
+    """One valid batch of zero-length tokens filling `size` bytes: millions of records that do not
+    authenticate (verify --key-file on 19 MiB of this peaked at 730 MiB)."""
+    n = (size - FILE_HEADER_SIZE - BATCH_HEADER_SIZE - 20) // 4
+    body = struct.pack(">QIQ", 0, n, 1) + bytes(4 * n)
+    path.write_bytes(FILE_HEADER_BYTES + BATCH_HEADER.pack(b"TSB1", len(body), zlib.crc32(body)) + body)
+    return path
+
+
+def verify_peak_rss_kib(segment: Path, key: Path) -> int:
+    """Peak RSS of a `verify --key-file` run (measured inside the child, so no other process counts)."""
+    code = ("import resource, sys; from telemetry_sink.cli import main; sys.stdout = open('/dev/null', 'w'); "
+            "rc = main(['verify', '--key-file', sys.argv[1], sys.argv[2]]); "
+            "sys.stderr.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(key), str(segment)], capture_output=True, timeout=120)
+    assert done.returncode == 1, done.stderr  # damaged: the records do not authenticate
+    return int(done.stderr.decode().strip().splitlines()[-1])
+
+
+def test_verify_memory_does_not_grow_with_the_number_of_records(tmp_path: Path, key_file: Path) -> None:
+    small = verify_peak_rss_kib(tiny_token_segment(tmp_path / segment_format.segment_name("a", 0), 1 << 20), key_file)
+    large = verify_peak_rss_kib(tiny_token_segment(tmp_path / segment_format.segment_name("b", 0), 4 << 20), key_file)
+    # The mapped file itself may be resident (3 MiB more); per-record lists or lines were ~110 MiB more.
+    assert large - small < 12 * 1024, f"{small} KiB -> {large} KiB"
