@@ -78,6 +78,34 @@ def check_directory(directory: Path) -> list[Path]:
     return foreign
 
 
+def preflight(directory: Path) -> None:
+    """The start-up checks every writer would make, read-only, for the parent of `workers > 1`:
+    check_directory, and each series' newest segment must begin like a segment."""
+    if not directory.is_dir():
+        return  # the writers create it (or say why they cannot)
+    newest: dict[str, Path] = {}
+    for path in segment_format.list_segments(directory):
+        try:
+            newest[segment_format.parse_segment_name(path)[0]] = path
+        except ValueError:
+            continue
+    check_directory(directory)
+    for path in newest.values():
+        fd = open_nofollow(path, os.O_RDONLY)
+        try:
+            head = os.pread(fd, FILE_HEADER_SIZE, 0)
+        finally:
+            os.close(fd)
+        if len(head) < FILE_HEADER_SIZE:
+            if not FILE_HEADER_BYTES.startswith(head):
+                raise _not_a_segment(path, f"{len(head)} bytes that do not begin a segment header")
+            continue
+        try:
+            segment_format.check_file_header(head)
+        except segment_format.SegmentFormatError as exc:
+            raise _not_a_segment(path, str(exc)) from None
+
+
 def recover_series(directory: Path, series: str) -> Recovery:
     """Cut a torn batch off the newest segment of `series` and find the next sequence number."""
     segments = segment_format.series_segments(directory, series)

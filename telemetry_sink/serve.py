@@ -155,6 +155,7 @@ def serve(config: Config, *, access_log: bool, log_level: str, log_config: dict[
 
     from .auth import TokenTable
     from .crypto import CryptoService
+    from .segment_recovery import preflight
 
     options = _uvicorn_options(config, access_log, log_level, log_config)
     srv = config.server
@@ -169,6 +170,7 @@ def serve(config: Config, *, access_log: bool, log_level: str, log_config: dict[
         CryptoService.from_config(config.crypto.key_file)
         if config.auth.tokens_file:
             TokenTable(config.auth.tokens_file)
+        preflight(config.writer.directory)  # symlinks, names, bad headers: one line here, not per worker
         _log_startup(config, sock)
         source = config.source
         os.environ[SERVE_ENV] = orjson.dumps({"config": str(source.resolve()) if source else None}).decode()

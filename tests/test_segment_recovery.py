@@ -16,9 +16,10 @@ from telemetry_sink import segment_format
 from telemetry_sink.segment_format import FILE_HEADER_BYTES, MAX_SEQ, frame_batch, segment_name
 
 
-def refused(start_server: Callable[..., ServerProcess], data: Path) -> str:
+def refused(start_server: Callable[..., ServerProcess], data: Path, workers: int = 1) -> str:
     """Start a server on `data`; assert it exits 2 with one line and no traceback; return the line."""
-    server = start_server({"writer": {"directory": str(data)}}, wait=False, separate_stderr=True)
+    server = start_server({"server": {"workers": workers}, "writer": {"directory": str(data)}}, wait=False,
+                          separate_stderr=True)
     assert server.wait() == 2
     lines = server.stderr().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("telemetry-sink: error: "), server.stderr()
@@ -30,14 +31,15 @@ def torn_segment() -> bytes:
     return FILE_HEADER_BYTES + frame_batch(0, 1, [b"kept"]) + frame_batch(1, 2, [b"torn" * 10])[:-7]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_symlinked_segment_is_refused_and_its_target_never_truncated(
-        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+        start_server: Callable[..., ServerProcess], tmp_path: Path, workers: int) -> None:
     target = tmp_path / "elsewhere.bin"
     target.write_bytes(torn_segment())  # recovery would cut its torn tail, through the link
     data = tmp_path / "data"
     data.mkdir()
     (data / segment_name("w0", 0)).symlink_to(target)
-    line = refused(start_server, data)
+    line = refused(start_server, data, workers)
     assert "is a symbolic link" in line and segment_name("w0", 0) in line
     assert target.read_bytes() == torn_segment()
 
@@ -69,18 +71,20 @@ def test_a_sequence_number_beyond_64_bits_in_a_name_is_refused(start_server: Cal
     data = tmp_path / "data"
     data.mkdir()
     (data / segment_name("w0", seq)).write_bytes(FILE_HEADER_BYTES)
-    line = refused(start_server, data)
+    line = refused(start_server, data, workers=2 if seq > MAX_SEQ + 1 else 1)
     assert f"first sequence number {seq} is beyond the largest possible" in line
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("content", [b"this is a text file, not a segment\n", b"hello"], ids=["long", "short"])
 def test_a_newest_segment_with_bad_magic_is_refused_and_left_alone(start_server: Callable[..., ServerProcess],
-                                                                    tmp_path: Path, content: bytes) -> None:
+                                                                    tmp_path: Path, content: bytes,
+                                                                    workers: int) -> None:
     data = tmp_path / "data"
     data.mkdir()
     victim = data / segment_name("w0", 0)
     victim.write_bytes(content)
-    line = refused(start_server, data)
+    line = refused(start_server, data, workers)
     assert f"{victim} is not a segment" in line and "move it out" in line
     assert victim.read_bytes() == content
 
