@@ -5,7 +5,6 @@ The format is normative and documented in docs/log-format.md; keep the two in st
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import os
 import re
@@ -73,7 +72,7 @@ def check_file_header(header: bytes) -> None:
 class Batch:
     """One intact batch: where it sits in the file and what it holds.
 
-    Its tokens are read from the image on demand (iter_tokens: one at a time), so a batch of
+    Its tokens are read from the image on demand (token_chunks, iter_tokens), so a batch of
     millions of tiny records costs no memory until they are used; use it while the image is open.
     """
 
@@ -98,23 +97,32 @@ class Batch:
 
     def iter_tokens(self) -> Iterator[bytes]:
         """The batch's tokens in order, each copied out of the image as it is reached."""
-        image, unpack = self._image, TOKEN_LEN.unpack_from
-        pos = self._tokens_at
-        for _ in range(self.count):
-            (token_len,) = unpack(image, pos)
-            pos += 4
-            yield bytes(image[pos : pos + token_len])
-            pos += token_len
+        for chunk in self.token_chunks(1024):
+            yield from chunk
 
     @property
     def tokens(self) -> list[bytes]:
-        return list(self.iter_tokens())
+        """All the batch's tokens (a list as long as the batch: prefer token_chunks for big ones)."""
+        return self._read_tokens(0, self.count)[0]
 
     def token_chunks(self, size: int = 4096) -> Iterator[list[bytes]]:
         """The tokens in lists of at most `size` (for batch decryption in bounded memory)."""
-        tokens = self.iter_tokens()
-        while chunk := list(itertools.islice(tokens, size)):
+        pos = 0
+        for first in range(0, self.count, size):
+            chunk, pos = self._read_tokens(pos, min(size, self.count - first))
             yield chunk
+
+    def _read_tokens(self, pos: int, n: int) -> tuple[list[bytes], int]:
+        """`n` tokens from body position `pos` (0: the first token), and the position after them."""
+        image, unpack = self._image, TOKEN_LEN.unpack_from
+        at = self._tokens_at + pos
+        out = []
+        for _ in range(n):
+            (token_len,) = unpack(image, at)
+            at += 4
+            out.append(bytes(image[at : at + token_len]))  # bytes: a copy, never a view of the map
+            at += token_len
+        return out, at - self._tokens_at
 
 
 @dataclass(frozen=True, slots=True)

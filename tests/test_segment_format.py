@@ -229,3 +229,13 @@ def test_verify_memory_does_not_grow_with_the_number_of_records(tmp_path: Path, 
     large = verify_peak_rss_kib(tiny_token_segment(tmp_path / segment_format.segment_name("b", 0), 4 << 20), key_file)
     # The mapped file itself may be resident (3 MiB more); per-record lists or lines were ~110 MiB more.
     assert large - small < 12 * 1024, f"{small} KiB -> {large} KiB"
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000, 5000])
+def test_token_chunks_and_iter_tokens_give_the_tokens_in_order(size: int) -> None:
+    tokens = [b"t%d" % i * (i % 5) for i in range(3001)]
+    (batch,) = iter_batches(image(frame_batch(0, 1, tokens)))
+    assert isinstance(batch, Batch)
+    chunks = list(batch.token_chunks(size))
+    assert all(0 < len(c) <= size for c in chunks) and [t for c in chunks for t in c] == tokens
+    assert list(batch.iter_tokens()) == batch.tokens == tokens
