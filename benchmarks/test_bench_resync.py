@@ -88,5 +88,7 @@ def test_resync_time_is_linear_in_size(tmp_path: Path, kind: str) -> None:
         print(f"  {kib:5d}  {walk_s:8.3f}  {verify_s:8.3f}  {recover_s:8.3f}")
     ratio = rows[-1][1] / rows[0][1]
     print(f"  reader walk {SIZES_KIB[-1] // SIZES_KIB[0]}x the size: {ratio:.1f}x the time")
+    if kind == "valid":
+        return  # milliseconds, shown for comparison; too short to assert a ratio on a loaded machine
     # Linear: ~8x (a little more: longer bodies have one more hex digit to shift by); quadratic: 64x.
     assert ratio < 24, "superlinear: 8x the size should cost ~8x the time"
