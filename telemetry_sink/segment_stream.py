@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, cast
 
+from .crc_range import RangeCrc
 from .segment_format import (
     BATCH_HEADER,
     BATCH_HEADER_SIZE,
@@ -36,6 +37,7 @@ class _Window:
         self.size = size
         self.buf = bytearray()
         self.base = 0
+        self._crcs: RangeCrc | None = None  # prefix CRCs of buf while resynchronising (see segment_format)
 
     @property
     def end(self) -> int:
@@ -58,15 +60,21 @@ class _Window:
         if drop >= _RELEASE_BYTES or drop >= len(self.buf) > 0:
             del self.buf[:drop]
             self.base = before
+            self._crcs = None  # its prefixes started at the old base
 
-    def parse(self, offset: int) -> Batch | str:
-        """`_parse_at` at absolute `offset`, after reading all the bytes its verdict depends on."""
+    def parse(self, offset: int, resyncing: bool = False) -> Batch | str:
+        """`_parse_at` at absolute `offset`, after reading all the bytes its verdict depends on.
+        `resyncing`: candidates' CRCs come from prefix CRCs, so a walk past fake headers stays linear."""
         self.fill(offset + BATCH_HEADER_SIZE)
         if self.end - offset >= BATCH_HEADER_SIZE:
             magic, length, _crc = BATCH_HEADER.unpack_from(self.buf, offset - self.base)
             if magic == BATCH_MAGIC and BODY_HEADER_SIZE <= length <= MAX_BATCH_BODY:
                 self.fill(offset + BATCH_HEADER_SIZE + length)
-        found = _parse_at(cast(Any, self.buf), offset - self.base, self.end - self.base)
+        crcs = None
+        if resyncing:
+            # Filling only appends to buf: prefixes already taken stay valid until a release.
+            crcs = self._crcs = self._crcs if self._crcs is not None else RangeCrc(cast(Any, self.buf))
+        found = _parse_at(cast(Any, self.buf), offset - self.base, self.end - self.base, crcs)
         if isinstance(found, str):
             return found
         return replace(found, offset=found.offset + self.base, end=found.end + self.base)
@@ -86,7 +94,7 @@ class _Window:
             if hit < 0:
                 return None
             candidate = self.base + hit
-            found = self.parse(candidate)
+            found = self.parse(candidate, resyncing=True)
             if isinstance(found, Batch):
                 return found
             pos = candidate + 1
