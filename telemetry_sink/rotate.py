@@ -115,7 +115,10 @@ def rotate_directory(directory: Path, crypto: CryptoService, progress: Progress 
     segments = segment_format.list_segments(directory)
     newest: dict[str, Path] = {}
     for path in segments:
-        newest[segment_format.parse_segment_name(path)[0]] = path
+        try:
+            newest[segment_format.parse_segment_name(path)[0]] = path
+        except ValueError:
+            continue  # a foreign name: no series' newest segment, so no writer appends to it
     active = {path for series, path in newest.items() if not _series_is_idle(directory, series)}
     for path in segments:
         if progress is not None:

@@ -128,3 +128,13 @@ def test_rotation_keeps_each_tokens_time_and_untouched_batches(tmp_path: Path) -
     assert [Fernet(new).decrypt(t) for t in after] == [b"a", b"b", b"c", b"d", b"e"]
     assert [Fernet(new).extract_timestamp(t) for t in after] == [1_700_000_000, 1_700_000_000, 5, 6, 1_700_000_001]
     assert path.read_bytes().endswith(current)  # a batch already under the first key is copied as it was
+
+
+def test_a_foreign_name_in_the_directory_does_not_stop_rotation(tmp_path: Path) -> None:
+    """Foreign *.tslog names are no series' segments (the server ignores them with a warning)."""
+    old, new = generate_key(), generate_key()
+    data = tmp_path / "data"
+    write_log(data, old, 100)
+    (data / "notes.tslog").write_bytes(b"not a segment")
+    report = rotate_directory(data, CryptoService([new.decode(), old.decode()], "rotated"))
+    assert report.rewritten and len(report.failed) == 1 and "notes.tslog" in report.failed[0]
