@@ -106,3 +106,13 @@ def test_foreign_names_are_ignored_with_one_warning(start_server: Callable[..., 
     assert {name: (data / name).read_bytes() for name in foreign} == foreign  # untouched
     assert segment_format.series_segments(data, "w0") == [data / segment_name("w0", 0)]
     assert os.path.getsize(data / segment_name("w0", 0)) > len(FILE_HEADER_BYTES)
+
+
+def test_a_series_whose_batches_used_every_sequence_number_is_refused(start_server: Callable[..., ServerProcess],
+                                                                       tmp_path: Path) -> None:
+    """The name is in range but a batch in it runs to the last number: nothing more can be written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / segment_name("w0", 0)).write_bytes(FILE_HEADER_BYTES + frame_batch(MAX_SEQ - 1, 1, [b"a", b"b"]))
+    line = refused(start_server, data)
+    assert f"has used every sequence number up to {MAX_SEQ}" in line
