@@ -191,12 +191,12 @@ def walk_time(data: bytes) -> float:
 
 
 def test_resync_time_grows_linearly_not_quadratically() -> None:
-    """A 4x larger crafted file takes about 4x as long (16x when quadratic): best of 3 rounds,
+    """An 8x larger crafted file takes about 8x as long (64x when quadratic): best of 5 rounds,
     the two sizes interleaved so that a burst of load on the machine hits both alike."""
-    small_data, large_data = crafted_segment(128 << 10), crafted_segment(512 << 10)
-    rounds = [(walk_time(small_data), walk_time(large_data)) for _ in range(3)]
+    small_data, large_data = crafted_segment(64 << 10), crafted_segment(512 << 10)
+    rounds = [(walk_time(small_data), walk_time(large_data)) for _ in range(5)]
     small, large = min(r[0] for r in rounds), min(r[1] for r in rounds)
-    assert large / small < 10, f"{small:.3f}s -> {large:.3f}s"
+    assert large / small < 24, f"{small:.3f}s -> {large:.3f}s"
 
 
 @pytest.mark.parametrize("seed", range(5))
