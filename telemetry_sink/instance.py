@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 from .objstore import INSTANCE_ID
-from .segment_format import fsync_dir, write_all
+from .segment_format import fsync_dir, write_durably
 
 ID_FILE = "instance_id"
 
@@ -46,12 +46,7 @@ def resolve_instance_id(configured: str, directory: Path) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     value = _generated()
     tmp = path.with_name(f".{ID_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        write_all(fd, (value + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(path, (value + "\n").encode(), tmp, 0o644, replace=False)
     try:
         # link, not rename: if another worker process stored an id first, keep that one.
         os.link(tmp, path)

@@ -39,7 +39,7 @@ def _series_is_idle(directory: Path, series: str) -> bool:
     lock = directory / f"{series}.lock"
     if not lock.exists():
         return True
-    fd = os.open(lock, os.O_RDWR)
+    fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -95,15 +95,7 @@ def _rotated_image(path: Path, crypto: CryptoService) -> tuple[bytes | None, int
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        segment_format.write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    segment_format.fsync_dir(path.parent)
+    segment_format.write_durably(path, data, path.with_name(path.name + TMP_SUFFIX))
 
 
 def rotate_directory(directory: Path, crypto: CryptoService, progress: Progress | None = None) -> RotationReport:

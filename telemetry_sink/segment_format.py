@@ -294,6 +294,21 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_durably(path: Path, data: bytes, tmp: Path, mode: int = 0o600, *, replace: bool = True) -> None:
+    """Write `data` to `tmp` (never through a symlink planted there), fsync it, then rename it over
+    `path` (`replace`) and fsync the directory, so `path` holds the old or the new bytes after a crash.
+    With `replace=False` the caller moves `tmp` into place itself."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if replace:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a file's creation, rename or removal in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)

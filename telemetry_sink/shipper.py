@@ -10,7 +10,6 @@ equal object already there counts as success. Until its marker exists a segment 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -23,7 +22,7 @@ import orjson
 from . import segment_format
 from .config import ShipConfig
 from .objstore import Bucket, Destination, ObjectStoreError, StoreSettings, object_key, parse_url
-from .segment_format import fsync_dir, write_all
+from .segment_format import fsync_dir, write_durably
 from .ship_metrics import ShipMetrics
 
 log = logging.getLogger("telemetry_sink.shipper")
@@ -252,14 +251,8 @@ class Shipper:
             fsync_dir(self.directory)
         else:
             marker = self._markers / item.path.name
-            tmp = marker.with_name(f".{marker.name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                write_all(fd, orjson.dumps({"key": item.key, "size": item.size}))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, marker)
+            write_durably(marker, orjson.dumps({"key": item.key, "size": item.size}),
+                          marker.with_name(f".{marker.name}.tmp"), 0o644)
             fsync_dir(self._markers)
         self.uploaded += 1
         self._done(item)

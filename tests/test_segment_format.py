@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import struct
 import subprocess
@@ -252,3 +253,17 @@ def test_token_chunks_and_iter_tokens_give_the_tokens_in_order(size: int) -> Non
     chunks = list(batch.token_chunks(size))
     assert all(0 < len(c) <= size for c in chunks) and [t for c in chunks for t in c] == tokens
     assert list(batch.iter_tokens()) == batch.tokens == tokens
+
+
+def test_write_durably_never_writes_through_a_symlink_planted_at_its_temp_name(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    tmp = tmp_path / "state.tmp"
+    tmp.symlink_to(victim)
+    with pytest.raises(OSError) as info:
+        segment_format.write_durably(tmp_path / "state", b"new", tmp)
+    assert info.value.errno == errno.ELOOP
+    assert victim.read_bytes() == b"keep me" and not (tmp_path / "state").exists()
+    tmp.unlink()
+    segment_format.write_durably(tmp_path / "state", b"new", tmp)
+    assert (tmp_path / "state").read_bytes() == b"new" and not tmp.exists()
