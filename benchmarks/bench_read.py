@@ -2,12 +2,14 @@
 """A/B of the offline tools from two checkouts on the same local segments, alternating A, B, A, B.
 
     .venv/bin/python benchmarks/bench_read.py PATH_A PATH_B [--records 1000000] [--rounds 2] \
-        [--command "read"] [--command "export --format parquet --out {out}/x.parquet"]
+        [--command "read"] [--command "export --force --out {out}/x.parquet"]
 
 Writes `--records` ~150-byte records (harness.make_record, 1000 a batch, 128 MiB segments, as the
 server does by default) once, then times each command from each checkout (its directory first on
-PYTHONPATH, this venv's Python; copy the compiled `_speedups*.so` into a checkout or it runs on the
-twin), stdout to /dev/null. Prints the best wall time, records/s, peak RSS of each and A/B.
+PYTHONPATH and as the working directory, this venv's Python; copy the compiled `_speedups*.so` into
+a checkout or it runs on the twin), stdout to /dev/null; `{out}` in a command is a scratch directory.
+Prints wall time, records/s, records per CPU-second (user + system: the per-core figure) and peak
+RSS of each run, then the best wall time of each and A/B. The same path twice measures one checkout.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def write_segments(directory: Path, key_file: Path, records: int) -> None:
         out.close()
 
 
-def run_once(checkout: Path, command: str, data: Path, key_file: Path, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `telemetry-sink COMMAND --key-file K DATA` run."""
+def run_once(checkout: Path, command: str, data: Path, key_file: Path, out: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one `telemetry-sink COMMAND
+    --key-file K DATA` run."""
     argv = [sys.executable, "-m", "telemetry_sink", *command.format(out=out).split(), "--key-file", str(key_file),
             str(data)]
     env = clean_env({"PYTHONPATH": str(checkout.resolve())})
@@ -65,7 +68,7 @@ def run_once(checkout: Path, command: str, data: Path, key_file: Path, out: Path
         if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"{checkout}: {command} failed ({proc.returncode}): {err.read().decode()[-400:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main() -> int:
@@ -93,9 +96,9 @@ def main() -> int:
             best = {"A": float("inf"), "B": float("inf")}
             for n in range(args.rounds):
                 for label, path in (("A", args.a), ("B", args.b)):
-                    wall, rss = run_once(path, command, data, key_file, out)
+                    wall, cpu, rss = run_once(path, command, data, key_file, out)
                     print(f"{command!r} {label} round {n}: {wall:.2f} s, {args.records / wall:,.0f} records/s, "
-                          f"peak RSS {rss:.0f} MiB", flush=True)
+                          f"{args.records / cpu:,.0f} records per CPU-second, peak RSS {rss:.0f} MiB", flush=True)
                     best[label] = min(best[label], wall)
             a, b = best["A"], best["B"]
             print(f"{command!r} best: A {a:.2f} s ({args.records / a:,.0f} records/s), "

@@ -1,5 +1,5 @@
 """The `telemetry-sink` command line: argument parsing and dispatch to the modules that do the work
-(serve.py, reader.py, rotate.py, auth.py, crypto.py). Errors a person can hit are one line, exit 2."""
+(serve.py, reader.py, export.py, rotate.py, auth.py, crypto.py). Errors a person can hit are one line, exit 2."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import __version__, segment_format, speedups
+from . import __version__, export, segment_format, speedups
 from .auth import AuthConfigError
 from .client.send_cmd import add_parser as add_send_parser
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -26,6 +26,7 @@ from .reader import (
     Follower,
     NoSegmentsError,
     RecordFilter,
+    RecordWalker,
     parse_time,
     segment_refs,
     total_bytes,
@@ -128,8 +129,7 @@ def _warn(message: str) -> None:
 
 def cmd_read(args: argparse.Namespace) -> int:
     crypto = _crypto(args.key_file, args.config)
-    follower = Follower(crypto, sys.stdout.buffer, _warn, RecordFilter(args.node, args.since, args.until),
-                        args.strict)
+    follower = Follower(crypto, sys.stdout.buffer, _warn, _record_filter(args), args.strict)
     follower.read_new(_segments(args), final=not args.follow)
     if args.follow:
         signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -144,6 +144,15 @@ def cmd_read(args: argparse.Namespace) -> int:
         _warn(summary)
         return EXIT_DAMAGE
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    walker = RecordWalker(_crypto(args.key_file, args.config), _warn, _record_filter(args), args.strict)
+    return export.main(args, walker, _segments(args), _warn)
+
+
+def _record_filter(args: argparse.Namespace) -> RecordFilter:
+    return RecordFilter(args.node, args.since, args.until)
 
 
 def _time_arg(text: str) -> float:
@@ -277,18 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decrypt segments (default: every segment in the configured directory, in "
                        "order) and print one JSON record a line. Damaged batches are skipped with a warning.")
     config_opt(p)
-    p.add_argument("--key-file", metavar="PATH", help="key file (default: the configured one)")
-    p.add_argument("--node", metavar="ID", help="only records with this node_id")
-    p.add_argument("--since", metavar="TIME", type=_time_arg,
-                   help="only records whose ts >= TIME: Unix seconds, ISO 8601 (2026-12-01T10:00Z; UTC when no "
-                        "offset) or a time ago (30m, 1h, 2d)")
-    p.add_argument("--until", metavar="TIME", type=_time_arg, help="only records whose ts < TIME (same forms)")
+
+    def record_opts(p: argparse.ArgumentParser) -> None:  # read's and export's
+        p.add_argument("--key-file", metavar="PATH", help="key file (default: the configured one)")
+        p.add_argument("--node", metavar="PATTERN", action="append", default=[],
+                       help="only records whose node_id matches PATTERN, an id or a glob ('greenhouse-*'); "
+                            "repeat for any of several")
+        p.add_argument("--since", metavar="TIME", type=_time_arg,
+                       help="only records whose ts >= TIME: Unix seconds, ISO 8601 (2026-12-01T10:00Z; UTC when no "
+                            "offset) or a time ago (30m, 1h, 2d)")
+        p.add_argument("--until", metavar="TIME", type=_time_arg, help="only records whose ts < TIME (same forms)")
+        p.add_argument("--strict", action="store_true",
+                       help="fail (exit 2) at the first damaged batch or unreadable record instead of skipping it")
+        source_opts(p)
+
+    record_opts(p)
     p.add_argument("--follow", "-f", action="store_true", help="keep reading as the live log grows")
-    p.add_argument("--strict", action="store_true",
-                   help="fail (exit 2) at the first damaged batch or unreadable record instead of skipping it")
     p.add_argument("--poll-interval", type=float, default=0.25, help=argparse.SUPPRESS)
-    source_opts(p)
     p.set_defaults(func=cmd_read)
+
+    p = sub.add_parser("export", help="decrypt segments into Parquet, CSV or NDJSON", description=export.DESCRIPTION)
+    config_opt(p)
+    record_opts(p)
+    export.add_arguments(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="check segments' integrity (no key needed)",
                        description="Walk every segment: batches, records, first/last sequence, gaps, torn tails "
@@ -345,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, KeyConfigError, CliError, WriterStartError, AuthConfigError, ServeError, DamageError,
-            NoSegmentsError, ObjectStoreError) as exc:
+            NoSegmentsError, ObjectStoreError, export.ExportError) as exc:
         print(f"telemetry-sink: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

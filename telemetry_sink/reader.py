@@ -7,6 +7,7 @@ prints on its own or knows about command-line arguments.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,11 +24,12 @@ from .objstore import ObjectStoreError
 from .progress import Progress
 from .segment_source import NoSegmentsError, SegmentRef, segment_refs, total_size
 
-__all__ = ["DamageError", "Follower", "NoSegmentsError", "RecordFilter", "parse_time", "segment_refs",
-           "total_bytes", "total_size", "verify_segments"]
+__all__ = ["DamageError", "Follower", "NoSegmentsError", "RecordFilter", "RecordWalker", "parse_time",
+           "segment_refs", "total_bytes", "total_size", "verify_segments"]
 
 # Past the end of any file: a segment that is not one is never looked at again.
 _SKIP = 1 << 62
+_RELEASE_BYTES = 8 << 20
 
 
 def _size(path: Path) -> int:
@@ -79,20 +81,30 @@ def parse_time(text: str, now: float | None = None) -> float:
 
 @dataclass
 class RecordFilter:
-    """Which decrypted records to keep; None means no condition."""
+    """Which decrypted records to keep; empty/None means no condition. `nodes` are globs
+    (`greenhouse-*`, `node-[0-9]`; an id without `*?[` matches itself), any of which may match."""
 
-    node: str | None = None
+    nodes: Sequence[str] = ()
     since: float | None = None  # ts >= since
     until: float | None = None  # ts < until
+    _match: Callable[[str], object] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if any(set(p) & set("*?[") for p in self.nodes):
+            self._match = re.compile("|".join(fnmatch.translate(p) for p in self.nodes)).match
+        elif self.nodes:
+            self._match = frozenset(self.nodes).__contains__
 
     @property
     def active(self) -> bool:
-        return self.node is not None or self.since is not None or self.until is not None
+        return bool(self.nodes) or self.since is not None or self.until is not None
 
     def keep(self, plaintext: bytes) -> bool:
         record = orjson.loads(plaintext)
-        if self.node is not None and record.get("node_id") != self.node:
-            return False
+        if self._match is not None:
+            node = record.get("node_id")
+            if type(node) is not str or not self._match(node):
+                return False
         if self.since is None and self.until is None:
             return True
         ts = record.get("ts")
@@ -102,12 +114,12 @@ class RecordFilter:
 
 
 @dataclass
-class Follower:
-    """Decrypts segments to JSON lines incrementally: remembers how far each one has been read,
-    so calling `read_new` again (for `--follow`) emits only what was appended since."""
+class RecordWalker:
+    """The records of segments, decrypted a batch at a time and kept by `keep`: the walk that read,
+    export and the others share. Remembers how far each segment has been read, so walking the same
+    segments again (for `--follow`) yields only what was appended since."""
 
     crypto: CryptoService
-    out: IO[bytes]
     warn: Callable[[str], None]
     keep: RecordFilter = field(default_factory=RecordFilter)
     strict: bool = False
@@ -124,8 +136,9 @@ class Follower:
         return (f"{good:,} of {self.records:,} records decrypted: {why} ({self.bad_tokens:,} do not authenticate "
                 f"with the key(s) from {self.crypto.source})")
 
-    def read_new(self, segments: list[SegmentRef], final: bool) -> None:
-        """Emit every complete batch past the remembered offsets; `final`: report torn tails too."""
+    def walk(self, segments: list[SegmentRef], final: bool) -> Iterator[tuple[SegmentRef, list[bytes]]]:
+        """(segment, kept plaintexts) for every complete batch past the remembered offsets, skipping
+        batches with nothing kept; `final`: report torn tails too. DamageError ends it in strict mode."""
         for ref in segments:
             path = ref.label
             start = self.offsets.get(path, segment_format.FILE_HEADER_SIZE)
@@ -141,9 +154,24 @@ class Follower:
             try:
                 if image.size <= start:
                     continue
+                # A mapped file's pages already read are handed back, so a 128 MiB segment need not
+                # all be resident (a streamed object holds only its current chunk anyway).
+                release = getattr(image, "release", None)
+                released = start
                 for item in image.batches(start):
+                    if release is not None and item.end - released >= _RELEASE_BYTES:
+                        release(item.offset)
+                        released = item.offset
                     if isinstance(item, segment_format.Batch):
-                        self._emit(item)
+                        # A chunk of tokens at a time: a hostile batch of millions of tiny records
+                        # stays small in memory.
+                        for tokens in item.token_chunks():
+                            kept, bad = self._decrypt(tokens)
+                            if kept:
+                                yield ref, kept
+                            if bad:  # strict: what came before the bad record is out, then stop
+                                self._damage(f"a record in the batch at seq {item.first_seq} that does not "
+                                             f"authenticate with the key(s) from {self.crypto.source}")
                         self.offsets[path] = item.end
                     elif item.kind == "corrupt":
                         self._damage(f"{path}: damaged batch at offset {item.offset} "
@@ -154,41 +182,47 @@ class Follower:
                                      f"({item.end - item.offset} bytes)")
             finally:
                 image.close()
-            self.out.flush()
 
     def _damage(self, message: str) -> None:
         if self.strict:
-            self.out.flush()
             raise DamageError(f"{message} (--strict)")
         self.warn(f"skipped {message}")
 
-    def _emit(self, batch: segment_format.Batch) -> None:
-        # A chunk of tokens at a time: a hostile batch of millions of tiny records stays small in memory.
-        for tokens in batch.token_chunks():
-            self._emit_chunk(batch, self.crypto.decrypt_batch(tokens))
-
-    def _emit_chunk(self, batch: segment_format.Batch, plaintexts: list[bytes | None]) -> None:
+    def _decrypt(self, tokens: list[bytes]) -> tuple[list[bytes], bool]:
+        """The kept plaintexts of `tokens`; True if strict mode must stop at a record that did not decrypt."""
+        plaintexts = self.crypto.decrypt_batch(tokens)
         self.records += len(plaintexts)
         keep = self.keep if self.keep.active else None
-        if not plaintexts:
-            return
         if keep is None and None not in plaintexts:
-            # The common case, one write a batch (per-record writes cost as much as decrypting).
-            self.out.write(b"\n".join(cast("list[bytes]", plaintexts)) + b"\n")
-            return
-        lines: list[bytes] = []
+            return cast("list[bytes]", plaintexts), False
+        kept: list[bytes] = []
         for plaintext in plaintexts:
             if plaintext is None:
-                self.bad_tokens += 1
+                self.bad_tokens += 1  # counted, and reported once by summary()
                 if self.strict:
-                    self.out.write(b"".join(lines))
-                    self._damage(f"a record in the batch at seq {batch.first_seq} that does not authenticate "
-                                 f"with the key(s) from {self.crypto.source}")
-                continue  # counted, and reported once by summary()
-            if keep is not None and not keep.keep(plaintext):
+                    return kept, True
                 continue
-            lines.append(plaintext + b"\n")
-        self.out.write(b"".join(lines))
+            if keep is None or keep.keep(plaintext):
+                kept.append(plaintext)
+        return kept, False
+
+
+class Follower(RecordWalker):
+    """`read`: the walk's records as JSON lines on `out`, one write a batch (per-record writes cost as
+    much as decrypting); call `read_new` again to follow a growing log."""
+
+    def __init__(self, crypto: CryptoService, out: IO[bytes], warn: Callable[[str], None],
+                 keep: RecordFilter | None = None, strict: bool = False) -> None:
+        super().__init__(crypto, warn, keep or RecordFilter(), strict)
+        self.out = out
+
+    def read_new(self, segments: list[SegmentRef], final: bool) -> None:
+        """Emit every complete batch past the remembered offsets; `final`: report torn tails too."""
+        try:
+            for _, lines in self.walk(segments, final):
+                self.out.write(b"\n".join(lines) + b"\n")
+        finally:
+            self.out.flush()
 
 
 MAX_LISTED_RECORDS = 20  # verify names this many unauthenticated records per segment, then counts the rest
