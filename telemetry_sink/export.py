@@ -214,6 +214,8 @@ def export(walker: RecordWalker, segments: list[SegmentRef], fmt: str, out: str 
                 progress.advance(len(lines), 0)
             if len(pending) >= row_group:
                 _flush(output, pending, row_group, whole_only=True)
+        if progress is not None and current is not None:
+            progress.advance(0, current.size_now())
         if output is None and not targets.per_segment:
             output = _Output(fmt, targets.path_for(None), plan)  # nothing matched: an empty file says so
         if output is not None:
