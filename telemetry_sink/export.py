@@ -13,6 +13,7 @@ need pyarrow (the `export` extra); the column rule is in telemetry_sink/columns.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -71,7 +72,7 @@ class _Output:
 
     fmt: str
     path: Path | None
-    plan: Callable[[list[bytes]], Any]  # lines -> the ColumnPlan (made once, from the first chunk)
+    plan: Any  # the export's columns.ColumnPlan (None for ndjson)
     records: int = 0
     _stream: IO[bytes] | None = None
     _writer: Any = None
@@ -93,10 +94,9 @@ class _Output:
         if self.fmt == "ndjson":
             self._stream.write(b"\n".join(lines) + b"\n")
             return
-        plan = self.plan(lines)
         import pyarrow as pa
 
-        table = pa.concat_tables([plan.table(lines[i : i + SLICE]) for i in range(0, len(lines), SLICE)])
+        table = pa.concat_tables([self.plan.table(lines[i : i + SLICE]) for i in range(0, len(lines), SLICE)])
         if self._writer is None:
             self._writer = _open_writer(self.fmt, self._stream, table.schema)
         self._writer.write_table(table)
@@ -104,7 +104,7 @@ class _Output:
     def close(self) -> None:
         assert self._stream is not None
         if self._writer is None and self.fmt != "ndjson":  # no records: still a valid, empty table
-            table = self.plan([]).table([])
+            table = self.plan.table([])
             self._writer = _open_writer(self.fmt, self._stream, table.schema)
             self._writer.write_table(table)
         if self._writer is not None:
@@ -179,14 +179,20 @@ def export(walker: RecordWalker, segments: list[SegmentRef], fmt: str, out: str 
                           f"--format ndjson)")
     targets = _Targets(fmt, out, force)
     targets.check(segments)
-    plans: list[Any] = []
-
-    def plan(lines: list[bytes]) -> Any:
-        if not plans:  # fixed once, from the first chunk, so every row group and file share one schema
-            assert columns is not None
-            sample = [r for r in map(_loads, lines[:SAMPLE]) if type(r) is dict]
-            plans.append(columns.ColumnPlan.from_sample(sample))
-        return plans[0]
+    walk = walker.walk(segments, final=True)
+    # The columns are fixed once, from the export's first SAMPLE records (across segments, before
+    # anything is written), so every row group and every file of the export share one schema.
+    head: list[tuple[SegmentRef, list[bytes]]] = []
+    plan = None
+    if columns is not None:
+        taken = 0
+        for item in walk:
+            head.append(item)
+            taken += len(item[1])
+            if taken >= SAMPLE:
+                break
+        first = [line for _, lines in head for line in lines][:SAMPLE]
+        plan = columns.ColumnPlan.from_sample([r for r in map(_loads, first) if type(r) is dict])
 
     done: list[tuple[Path | None, int]] = []
     output: _Output | None = None
@@ -199,7 +205,7 @@ def export(walker: RecordWalker, segments: list[SegmentRef], fmt: str, out: str 
         done.append((output.path, output.records))
 
     try:
-        for segment, lines in walker.walk(segments, final=True):
+        for segment, lines in itertools.chain(head, walk):
             if segment != current:
                 if progress is not None and current is not None:
                     progress.advance(0, current.size_now())
