@@ -7,7 +7,6 @@ and every load run is bounded in time. Server processes, configs and the clean e
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import itertools
 import json
@@ -27,7 +26,15 @@ from typing import Any
 
 import orjson
 
-from telemetry_sink.testing import ConfigValues, ServerProcess, best_of, clean_env, merge_config, write_config
+from telemetry_sink.testing import (
+    ConfigValues,
+    ServerProcess,
+    best_of,
+    clean_env,
+    listening_port,
+    merge_config,
+    write_config,
+)
 
 __all__ = ["ConfigValues", "best_of", "clean_env", "merge_config", "write_config"]  # used by the benchmark suites
 
@@ -220,24 +227,6 @@ def rss_mib(pid: int) -> float:
 _SERIAL = itertools.count()
 
 
-def _listening_port(pid: int) -> int | None:
-    """The TCP port `pid` listens on, from /proc: for checkouts older than the "listening on" log line."""
-    inodes: set[str] = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:[") : -1])
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                    return int(fields[1].rsplit(":", 1)[1], 16)
-    return None
-
-
 class Server(ServerProcess):
     """A benchmark server subprocess: the product, the raw ASGI ceiling or the naive app, with what
     check_log reads back (its log directory and key file)."""
@@ -253,7 +242,7 @@ class Server(ServerProcess):
 
     def reported_address(self) -> tuple[str, str, int] | None:
         found = super().reported_address()
-        if found is None and (port := _listening_port(self.pid)) is not None:
+        if found is None and (port := listening_port(self.pid)) is not None:  # checkouts older than the line
             return "http", "127.0.0.1", port
         return found
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -146,6 +146,66 @@ def listening_address(log_text: str) -> tuple[str, str, int] | None:
         if found:
             return found["scheme"], found["host"].strip("[]"), int(found["port"])
     return None
+
+
+def _tcp_sockets() -> Iterator[tuple[int, int, str, int, str]]:
+    """(local port, remote port, state, bytes unread, inode) of every TCP socket, from /proc/net/tcp{,6}."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                yield (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16), fields[3],
+                       int(fields[4].split(":")[1], 16), fields[9])
+
+
+def listening_port(pid: int) -> int | None:
+    """The TCP port process `pid` listens on, as the kernel reports it (Linux); None if none."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    return next((local for local, _, state, _, inode in _tcp_sockets() if state == "0A" and inode in inodes), None)
+
+
+class StalledPost:
+    """POST /telemetry over a connection of its own, in two parts: the head and `first` at once, `rest` on
+    finish(). wait_read() waits until the kernel reports that the server accepted the connection and read all
+    that was sent (so a test can act while the server holds the request, without sleeping)."""
+
+    def __init__(self, port: int, first: bytes, rest: bytes = b"", content_type: str = "application/json",
+                 headers: Mapping[str, str] | None = None) -> None:
+        import http.client
+
+        self.server_port, self._rest = port, rest
+        self._conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self._conn.putrequest("POST", "/telemetry")
+        for name, value in {"content-type": content_type, "content-length": str(len(first) + len(rest)),
+                            **(headers or {})}.items():
+            self._conn.putheader(name, value)
+        self._conn.endheaders(first)
+        assert self._conn.sock is not None
+        self.client_port: int = self._conn.sock.getsockname()[1]
+
+    def _read_by_server(self) -> bool:
+        return any(local == self.server_port and remote == self.client_port and inode != "0" and unread == 0
+                   for local, remote, _, unread, inode in _tcp_sockets())
+
+    def wait_read(self, timeout: float = 10.0) -> None:
+        wait_for(self._read_by_server, timeout, "the server to accept and read the request so far")
+
+    def finish(self) -> tuple[int, bytes]:
+        """Send the rest of the body (if the server still reads it); return the answer's (status, body)."""
+        try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                if self._rest:
+                    self._conn.send(self._rest)
+            response = self._conn.getresponse()
+            return response.status, response.read()
+        finally:
+            self._conn.close()
 
 
 def serve_reporting_port(app: Any, name: str, host: str = "127.0.0.1", port: int = 0, **uvicorn_options: Any) -> None:

@@ -6,14 +6,12 @@ The helpers themselves (server processes, configs, the clean environment, `wait_
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from s3_support import SeaweedS3, weed_binary
@@ -125,47 +123,6 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, name: str,
         yield server, base, key
     finally:
         server.close()
-
-
-class HeldBodyPost:
-    """A POST /telemetry whose body stops after its first chunk until `finish()`: a request the
-    server has begun (head and part of the body received) but cannot answer yet."""
-
-    def __init__(self, url: str, first: bytes, rest: bytes) -> None:
-        self._chunks = (first, rest)
-        self._head_sent = threading.Event()
-        self._release = threading.Event()
-        self._outcome: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._post, args=(url,), daemon=True)
-
-    def _body(self) -> Iterator[bytes]:
-        yield self._chunks[0]
-        self._head_sent.set()  # asked for the next chunk: the head and the first chunk are out
-        self._release.wait(20)
-        yield self._chunks[1]
-
-    def _post(self, url: str) -> None:
-        try:
-            self._outcome["response"] = httpx.post(url + "/telemetry", content=self._body(),
-                                                   headers={"content-type": "application/json"}, timeout=30.0)
-        except httpx.HTTPError as exc:  # reported by finish()
-            self._outcome["error"] = exc
-
-    def __enter__(self) -> HeldBodyPost:
-        self._thread.start()
-        assert self._head_sent.wait(20), "the request's head was never sent"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._release.set()
-        self._thread.join(30)
-
-    def finish(self) -> httpx.Response:
-        """Send the rest of the body and return the answer (fails the test on a transport error)."""
-        self.__exit__()
-        assert "error" not in self._outcome, self._outcome.get("error")
-        response: httpx.Response = self._outcome["response"]
-        return response
 
 
 @pytest.fixture
