@@ -7,7 +7,6 @@ and every load run is bounded in time. Server processes, configs and the clean e
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from telemetry_sink import testing
 from telemetry_sink.testing import (
     ConfigValues,
     ServerProcess,
@@ -127,11 +127,8 @@ def py_spy() -> str | None:
 
 
 def speedups_module(implementation: str) -> ModuleType:
-    """The `_speedups` module a server reports in /healthz: "compiled" or "pure-python"."""
-    names = {"compiled": "telemetry_sink._speedups", "pure-python": "telemetry_sink._speedups_py"}
-    if implementation not in names:
-        raise ValueError(f"unknown speedups implementation {implementation!r}")
-    return importlib.import_module(names[implementation])
+    """The `_speedups` module a server reports in /healthz: "compiled" or "pure-python"; never skips."""
+    return testing.speedups_module(implementation, skip_if_missing=False)
 
 
 def parse_server_extra(items: list[str] | str | None) -> ConfigValues:

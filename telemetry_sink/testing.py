@@ -105,10 +105,12 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, check: bool = Fals
                           env=clean_env(env), check=check, timeout=timeout, input=input)
 
 
-def speedups_module(implementation: str) -> ModuleType:
-    """`_speedups` as "compiled" or "pure-python" (the twin); the compiled one skips the calling test, with
-    the reason, when it is not built."""
-    if implementation == "compiled":
+def speedups_module(implementation: str, *, skip_if_missing: bool = True) -> ModuleType:
+    """`_speedups` as "compiled" or "pure-python" (the twin). A compiled one that is not built skips the calling
+    test with the reason, or with `skip_if_missing=False` raises ImportError (a gate must fail, never skip)."""
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown speedups implementation {implementation!r}")
+    if implementation == "compiled" and skip_if_missing:
         return compiled_speedups()
     return importlib.import_module(_IMPLEMENTATIONS[implementation])
 
