@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import orjson
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 ConfigValues = dict[str, dict[str, Any]]
@@ -172,6 +174,19 @@ def listening_port(pid: int) -> int | None:
     return next((local for local, _, state, _, inode in _tcp_sockets() if state == "0A" and inode in inodes), None)
 
 
+def server_connections(port: int) -> tuple[int, int]:
+    """(accepted, queued): connections to the server listening on `port` that it accepted and still holds open,
+    and those waiting in its accept queue, as the kernel reports them."""
+    accepted = queued = 0
+    for local, _, state, _, inode in _tcp_sockets():
+        if local == port and state in ("01", "08"):  # ESTABLISHED, CLOSE_WAIT (the client hung up first)
+            if inode == "0":
+                queued += 1
+            else:
+                accepted += 1
+    return accepted, queued
+
+
 class StalledPost:
     """POST /telemetry over a connection of its own, in two parts: the head and `first` at once, `rest` on
     finish(). wait_read() waits until the kernel reports that the server accepted the connection and read all
@@ -276,11 +291,17 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        """`http://127.0.0.1:PORT`: the plain-HTTP base URL (a TLS test builds its https:// URL from `port`)."""
+        """`http://127.0.0.1:PORT`: the plain-HTTP base URL, whatever the server speaks (see `reported_url`)."""
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 30.0, status: int | None = 200) -> None:
-        """Wait until the server answers GET /healthz with `status` (any answer if None)."""
+    @property
+    def reported_url(self) -> str:
+        """`SCHEME://127.0.0.1:PORT` with the scheme the server reported: https when it serves TLS."""
+        return f"{self.address()[0]}://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30.0, status: int | None = 200, verify: ssl.SSLContext | bool = True) -> None:
+        """Wait until the server answers GET /healthz at `reported_url` with `status` (any answer if None);
+        `verify` is the TLS client context (CA, client certificate) for a server that speaks https."""
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -290,7 +311,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
-                code = httpx.get(self.url + "/healthz", timeout=1.0).status_code
+                code = httpx.get(self.reported_url + "/healthz", timeout=1.0, verify=verify).status_code
             except httpx.TransportError:
                 return False
             return status is None or code == status
@@ -349,3 +370,7 @@ class ServerProcess:
     def stderr(self) -> str:
         """What the server wrote to stderr (all its output unless stderr_path was given)."""
         return self.stderr_path.read_text(errors="replace") if self.stderr_path else self.log()
+
+
+StartServer = Callable[..., ServerProcess]
+"""The type of tests/conftest.py's `start_server` fixture: (overrides, *, env, wait, port, args, separate_stderr)."""

@@ -23,6 +23,7 @@ from telemetry_sink.segment_writer import SegmentWriter
 from telemetry_sink.testing import (
     ConfigValues,
     ServerProcess,
+    StartServer,
     free_port,
     merge_config,
     run_cli,
@@ -32,8 +33,8 @@ from telemetry_sink.testing import (
     write_config,
 )
 
-__all__ = ["ConfigValues", "ServerProcess", "free_port", "read_records", "run_cli", "shared_server", "wait_for",
-           "write_config", "write_log"]
+__all__ = ["ConfigValues", "ServerProcess", "StartServer", "free_port", "read_records", "run_cli", "shared_server",
+           "wait_for", "write_config", "write_log"]
 
 
 def pytest_report_header() -> str:
@@ -57,7 +58,7 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., ServerProcess]]:
+def start_server(tmp_path: Path, key_file: Path) -> Iterator[StartServer]:
     """Start a server with config `overrides` ({section: {key: value}}); killed at teardown. It listens on a
     port it picks itself (port 0) and reports back, unless a test asks for a fixed `port`."""
     started: list[ServerProcess] = []

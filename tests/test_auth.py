@@ -7,20 +7,18 @@ import hashlib
 import logging
 import signal
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, run_cli, shared_server, wait_for, write_config
+from conftest import ServerProcess, StartServer, run_cli, shared_server, wait_for, write_config
 
 from telemetry_sink import auth
 from telemetry_sink.auth import AuthConfigError, Principal, TokenTable, add_token, hash_token
 from telemetry_sink.testing import best_of
-
-StartServer = Callable[..., ServerProcess]
 
 TOKEN_A = "token-for-node-a-0123456789"
 TOKEN_GH = "token-for-greenhouses-abcdef"

@@ -10,14 +10,13 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, run_cli, write_config
+from conftest import StartServer, run_cli, write_config
 from cryptography.fernet import Fernet
 
 from telemetry_sink import __version__, segment_format, speedups
@@ -301,7 +300,7 @@ def _lines_to_queue(stream: IO[bytes], out: queue.Queue[bytes]) -> None:
 
 
 def test_read_follow_prints_records_as_a_live_server_writes_them(
-    start_server: Callable[..., ServerProcess], tmp_path: Path
+    start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server({"writer": {"flush_interval_ms": 10, "max_segment_bytes": 2000}})
     assert server.post(orjson.dumps({"node_id": "before", "ts": 1})).status_code == 202

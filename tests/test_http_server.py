@@ -16,21 +16,20 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, run_cli, shared_server, wait_for
+from conftest import ServerProcess, StartServer, run_cli, shared_server, wait_for
 from cryptography.fernet import Fernet
 
 from telemetry_sink import segment_format
 from telemetry_sink.crypto import CryptoService
 from telemetry_sink.testing import StalledPost
 
-StartServer = Callable[..., ServerProcess]
 GRACEFUL_EXIT = (0, -signal.SIGTERM)
 MAX_BODY = 4096  # [ingest] max_body_bytes of the shared server
 

@@ -10,10 +10,9 @@ PYTHONPATH, so `serve` itself is unchanged) that writes down every HTTP request 
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable
 from pathlib import Path
 
-from conftest import ServerProcess
+from conftest import StartServer
 
 PROBE = '''\
 """Test probe: append "METHOD PATH" for every HTTP request that enters a FastAPI app."""
@@ -44,7 +43,7 @@ REQUESTS: list[tuple[bytes, dict[str, str], int]] = [
 ]
 
 
-def test_post_telemetry_never_enters_fastapi(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:
+def test_post_telemetry_never_enters_fastapi(tmp_path: Path, start_server: StartServer) -> None:
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
     (probe_dir / "sitecustomize.py").write_text(PROBE)

@@ -8,19 +8,18 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, StartServer, wait_for
 
 from telemetry_sink.logging_setup import TEXT_FORMAT, JsonFormatter
 
 GRACEFUL_EXIT = (0, -signal.SIGTERM)
 
 
-def logged_server(start_server: Callable[..., ServerProcess], log_format: str,
+def logged_server(start_server: StartServer, log_format: str,
                   overrides: dict[str, dict[str, Any]] | None = None) -> ServerProcess:
     """`serve --log-format FMT`, with stdout and stderr captured apart (stdout: `.log()`)."""
     return start_server(overrides, args=("--log-format", log_format), separate_stderr=True)
@@ -42,7 +41,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path,
-                                         start_server: Callable[..., ServerProcess]) -> None:
+                                         start_server: StartServer) -> None:
     server = logged_server(start_server, "json", {
         "writer": {"max_segment_bytes": 600, "retention_bytes": 1500, "batch_size": 1},
         "buffer": {"high_water_percent": 77},
@@ -95,7 +94,7 @@ def test_json_logs_are_one_object_a_line(tmp_path: Path, key_file: Path,
     assert key[:22] not in server.stderr() and key[22:] not in server.stderr()
 
 
-def test_text_logs_are_not_json(key_file: Path, start_server: Callable[..., ServerProcess]) -> None:
+def test_text_logs_are_not_json(key_file: Path, start_server: StartServer) -> None:
     server = logged_server(start_server, "text")
     assert server.post(b'{"node_id":"t"}').status_code == 202
     rc = server.stop()

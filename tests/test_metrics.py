@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import orjson
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, StartServer, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from telemetry_sink import segment_format, speedups
 
-StartServer = Callable[..., ServerProcess]
 P = "telemetry_sink"
 
 

@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, StartServer
 
 from telemetry_sink.auth import hash_token
 from telemetry_sink.ingest_http import retry_after_header
 from telemetry_sink.rate_limiter import RateLimited, RateLimiter
-
-StartServer = Callable[..., ServerProcess]
 
 
 class FakeClock:

@@ -7,17 +7,16 @@ from __future__ import annotations
 import base64
 import signal
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, run_cli, write_config
+from conftest import ServerProcess, StartServer, run_cli, write_config
 
 from telemetry_sink.crypto import CryptoService, InvalidToken, KeyConfigError, generate_key, write_key_file
 
-StartServer = Callable[..., ServerProcess]
 GRACEFUL_EXIT = (0, -signal.SIGTERM)
 
 

@@ -4,13 +4,10 @@ before the writer opens or locks anything."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
-
-StartServer = Callable[..., ServerProcess]
+from conftest import ServerProcess, StartServer
 
 
 def only_error_line(server: ServerProcess) -> str:

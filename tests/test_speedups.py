@@ -10,11 +10,10 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable
 from types import ModuleType
 
 import pytest
-from conftest import ServerProcess, run_cli
+from conftest import StartServer, run_cli
 from cryptography.fernet import Fernet, MultiFernet
 
 from telemetry_sink import speedups
@@ -62,7 +61,7 @@ def test_extension_really_loaded() -> None:
         assert speedups.IMPLEMENTATION == "compiled", "telemetry_sink._speedups did not load"
 
 
-def test_twin_is_a_startup_warning_and_info_says_how_to_compile(start_server: Callable[..., ServerProcess]) -> None:
+def test_twin_is_a_startup_warning_and_info_says_how_to_compile(start_server: StartServer) -> None:
     """With the twin in use `serve` logs its start line at WARNING with the reason and the remedy,
     and `info` prints them (the not-built case: tests/test_setup.py)."""
     env = {"TELEMETRY_SINK_NO_EXTENSIONS": "1"}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +10,7 @@ import httpx
 import orjson
 import pytest
 import trustme
-from conftest import ServerProcess, run_cli
-
-StartServer = Callable[..., ServerProcess]
+from conftest import ServerProcess, StartServer, run_cli, wait_for
 
 
 @dataclass
@@ -53,30 +49,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return pki
 
 
-def https_url(server: ServerProcess) -> str:
-    return f"https://127.0.0.1:{server.port}"
-
-
 def https_post(server: ServerProcess, ctx: ssl.SSLContext, body: bytes) -> httpx.Response:
     with httpx.Client(verify=ctx, timeout=10.0) as client:
-        return client.post(https_url(server) + "/telemetry", content=body,
+        return client.post(server.reported_url + "/telemetry", content=body,
                            headers={"content-type": "application/json"})
-
-
-def wait_tls_ready(server: ServerProcess, ctx: ssl.SSLContext, timeout: float = 30.0) -> None:
-    """Poll GET /healthz over https until it answers 200."""
-    deadline = time.monotonic() + timeout
-    with httpx.Client(verify=ctx, timeout=1.0) as client:
-        while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                raise AssertionError(f"server exited with {server.proc.returncode}:\n{server.log()}")
-            try:
-                if client.get(https_url(server) + "/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-    raise AssertionError(f"TLS server not ready after {timeout}s:\n{server.log()}")
 
 
 def cli_read(server: ServerProcess) -> list[bytes]:
@@ -87,16 +63,13 @@ def cli_read(server: ServerProcess) -> list[bytes]:
 
 def wait_stored(server: ServerProcess, record: dict[str, object], timeout: float = 10.0) -> None:
     want = orjson.dumps(record)
-    deadline = time.monotonic() + timeout
-    while want not in cli_read(server):
-        assert time.monotonic() < deadline, f"{want!r} not on disk after {timeout}s"
-        time.sleep(0.05)
+    wait_for(lambda: want in cli_read(server), timeout, f"{want!r} on disk", interval=0.05)
 
 
 def test_https_post_is_accepted_and_plain_http_is_refused(start_server: StartServer, pki: Pki) -> None:
     server = start_server({"server": {"tls_certfile": str(pki.server_cert), "tls_keyfile": str(pki.server_key)}},
                           wait=False)
-    wait_tls_ready(server, pki.context())
+    server.wait_ready(verify=pki.context())
     assert "tls on" in server.log()
 
     record = {"node_id": "tls-node", "ts": 1.0, "via": "https"}
@@ -119,7 +92,7 @@ def test_https_post_is_accepted_and_plain_http_is_refused(start_server: StartSer
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(start_server: StartServer, pki: Pki) -> None:
     server = start_server({"server": {"tls_certfile": str(pki.server_cert), "tls_keyfile": str(pki.server_key),
                                       "tls_client_ca": str(pki.ca_pem)}}, wait=False)
-    wait_tls_ready(server, pki.context(pki.client_pem))
+    server.wait_ready(verify=pki.context(pki.client_pem))
     assert "tls mutual" in server.log()
     record = {"node_id": "mtls-node", "ts": 2.0}
 

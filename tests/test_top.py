@@ -10,16 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, StartServer, wait_for
 
 from telemetry_sink.top import compute_view, fetch
-
-StartServer = Callable[..., ServerProcess]
 
 
 def post_records(url: str, stop: threading.Event, per_request: int = 10) -> None:

@@ -4,12 +4,11 @@ the global rate limit evenly; a graceful stop drains every one of them."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import orjson
-from conftest import ServerProcess, run_cli, wait_for
+from conftest import StartServer, run_cli, wait_for
 
 from telemetry_sink import segment_format
 from telemetry_sink.testing import StalledPost
@@ -26,7 +25,7 @@ def records_by_series(data: Path) -> dict[str, int]:
     return counts
 
 
-def test_two_workers_write_separate_series_and_lose_nothing(start_server: Callable[..., ServerProcess],
+def test_two_workers_write_separate_series_and_lose_nothing(start_server: StartServer,
                                                            tmp_path: Path, key_file: Path) -> None:
     server = start_server({"server": {"workers": 2}, "rate_limit": {"bytes_per_second": 0}})
     data = tmp_path / "data"
@@ -50,7 +49,7 @@ def test_two_workers_write_separate_series_and_lose_nothing(start_server: Callab
     assert run_cli("verify", str(data)).returncode == 0
 
 
-def test_global_rate_limit_is_split_evenly_between_workers(start_server: Callable[..., ServerProcess]) -> None:
+def test_global_rate_limit_is_split_evenly_between_workers(start_server: StartServer) -> None:
     # 20000 bytes of burst over 2 workers: 10000 each. One keep-alive connection stays on one
     # worker, so a second 8000-byte body must wait although a single process would let it pass.
     server = start_server({"server": {"workers": 2}, "ingest": {"max_body_bytes": 10000},
@@ -65,7 +64,7 @@ def test_global_rate_limit_is_split_evenly_between_workers(start_server: Callabl
     server.stop()
 
 
-def test_burst_share_smaller_than_max_body_is_refused_at_start_up(start_server: Callable[..., ServerProcess]) -> None:
+def test_burst_share_smaller_than_max_body_is_refused_at_start_up(start_server: StartServer) -> None:
     server = start_server({"server": {"workers": 4}, "ingest": {"max_body_bytes": 10000},
                            "rate_limit": {"burst_bytes": 20000}}, wait=False)
     assert server.wait() == 2
@@ -73,7 +72,7 @@ def test_burst_share_smaller_than_max_body_is_refused_at_start_up(start_server: 
 
 
 def test_sigterm_with_two_workers_refuses_new_records_and_finishes_in_flight_ones(
-        start_server: Callable[..., ServerProcess], tmp_path: Path, key_file: Path) -> None:
+        start_server: StartServer, tmp_path: Path, key_file: Path) -> None:
     # The early 503 on SIGTERM is the app's lifespan, in each worker: a request whose body is
     # still arriving when the signal comes is refused (503 shutting_down) instead of being
     # acknowledged after the drain began; what was accepted before is on disk.
