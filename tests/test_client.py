@@ -12,12 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, read_records, wait_for
+from conftest import ServerProcess, StartServer, read_records, wait_for
 from loopback_proxy import Exchange, RecordingProxy
 
 from telemetry_sink.client import AsyncClient, Client, RejectedError
 
-StartServer = Callable[..., ServerProcess]
 MakeProxy = Callable[..., RecordingProxy]
 
 

@@ -7,12 +7,11 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, free_port, read_records, wait_for
+from conftest import StartServer, free_port, read_records, wait_for
 
 from telemetry_sink.client import (
     Client,
@@ -23,7 +22,6 @@ from telemetry_sink.client import (
     SpoolLockedError,
 )
 
-StartServer = Callable[..., ServerProcess]
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.3)
 
 # A client process: delivers 0..199 while the server is up, then (after a line on stdin) hands over 200..474

@@ -13,9 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ServerProcess, free_port, read_records, wait_for
+from conftest import ServerProcess, StartServer, free_port, read_records, wait_for
 
-StartServer = Callable[..., ServerProcess]
 FLUENT_BIT = Path(os.environ.get("FLUENT_BIT_BIN", Path(__file__).resolve().parents[2] / "shared" / "peers"
                                  / "fluent-bit" / "fluent-bit"))
 

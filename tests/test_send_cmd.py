@@ -7,14 +7,11 @@ import os
 import pty
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-from conftest import ServerProcess, free_port, read_records, run_cli, wait_for
-
-StartServer = Callable[..., ServerProcess]
+from conftest import ServerProcess, StartServer, free_port, read_records, run_cli, wait_for, write_config
 
 
 def ndjson(n: int, start: int = 0, node: str | None = "send-test") -> bytes:
@@ -40,13 +37,12 @@ def test_send_files_and_stdin(start_server: StartServer, tmp_path: Path) -> None
     assert [r["i"] for r in stored(server, 2010)] == list(range(2010))
 
 
-def test_send_fills_in_node_id_and_takes_the_url_from_a_config(start_server: StartServer) -> None:
-    picked = start_server()
-    refused = run_cli("send", "--config", str(picked.config_path), input=ndjson(1))
+def test_send_fills_in_node_id_and_takes_the_url_from_a_config(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server()  # on port 0: its own config cannot say where it listens
+    refused = run_cli("send", "--config", str(server.config_path), input=ndjson(1))
     assert refused.returncode == 2 and b"[server] port: 0" in refused.stderr
-    picked.stop()
-    server = start_server(port=free_port())
-    proc = run_cli("send", "--config", str(server.config_path), "--node-id", "filled", input=ndjson(3, node=None))
+    config = write_config(tmp_path / "client.ini", {"server": {"host": "127.0.0.1", "port": server.port}})
+    proc = run_cli("send", "--config", str(config), "--node-id", "filled", input=ndjson(3, node=None))
     assert proc.returncode == 0, proc.stderr.decode()
     assert [r["node_id"] for r in stored(server, 3)] == ["filled"] * 3
 
