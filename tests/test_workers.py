@@ -31,11 +31,13 @@ def test_two_workers_write_separate_series_and_lose_nothing(start_server: StartS
     data = tmp_path / "data"
     sent = []
     # A new connection per request (320 of them): whichever worker accepts first takes it, so both get some.
-    for n in range(40):
-        for c in range(8):
-            record = {"node_id": f"n{c}", "i": n}
-            assert server.post(orjson.dumps(record)).status_code == 202
-            sent.append(record)
+    with httpx.Client(base_url=server.url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0),
+                      headers={"content-type": "application/json"}) as client:
+        for n in range(40):
+            for c in range(8):
+                record = {"node_id": f"n{c}", "i": n}
+                assert client.post("/telemetry", content=orjson.dumps(record)).status_code == 202
+                sent.append(record)
     # Each worker wrote records of its own series, while both run.
     wait_for(lambda: sum(records_by_series(data).values()) == len(sent), what="every record on disk")
     written = {series for series, n in records_by_series(data).items() if n}
