@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import orjson
-from conftest import ServerProcess, run_cli, wait_for, write_log
+from conftest import ServerProcess, StartServer, run_cli, wait_for, write_log
 from cryptography.fernet import Fernet
 from s3_support import RO, RW, SeaweedS3
 
@@ -22,7 +22,6 @@ from telemetry_sink import segment_format
 from telemetry_sink.objstore import Bucket, StoreSettings, object_key, parse_url
 from telemetry_sink.shipper import MARKER_DIR, first_created_ms
 
-Start = Callable[..., ServerProcess]
 GRACEFUL_EXIT = (0, -signal.SIGTERM)  # uvicorn may re-raise the signal after a clean shutdown
 
 
@@ -70,7 +69,7 @@ def bucket(s3: SeaweedS3, prefix: str) -> Bucket:
     return Bucket(parse_url(s3.url(prefix)), StoreSettings(s3.endpoint, "us-east-1", True, max_retries=0))
 
 
-def test_round_trip_from_two_instances(start_server: Start, s3_server: SeaweedS3, tmp_path: Path,
+def test_round_trip_from_two_instances(start_server: StartServer, s3_server: SeaweedS3, tmp_path: Path,
                                        key_file: Path) -> None:
     a = start_server(ship_overrides(s3_server, "round", tmp_path / "a", instance_id="sink-a"),
                      env=s3_server.env(RW))
@@ -91,7 +90,7 @@ def test_round_trip_from_two_instances(start_server: Start, s3_server: SeaweedS3
     assert read_s3(s3_server, "round", key_file, "--instance", "sink-a") == list(range(600))
 
 
-def test_store_down_when_segments_seal_then_back(start_server: Start, start_s3: Callable[[], SeaweedS3],
+def test_store_down_when_segments_seal_then_back(start_server: StartServer, start_s3: Callable[[], SeaweedS3],
                                                  tmp_path: Path, key_file: Path) -> None:
     s3 = start_s3()
     s3.stop()
@@ -115,7 +114,7 @@ def test_store_down_when_segments_seal_then_back(start_server: Start, start_s3: 
     assert read_s3(s3, "outage", key_file) == acked
 
 
-def test_sigkill_during_upload_then_restart_ships_once(start_server: Start, s3_server: SeaweedS3,
+def test_sigkill_during_upload_then_restart_ships_once(start_server: StartServer, s3_server: SeaweedS3,
                                                        tmp_path: Path, key_file: Path) -> None:
     data = tmp_path / "data"
     overrides = ship_overrides(s3_server, "crash", data, instance_id="crashy")
@@ -147,7 +146,7 @@ def test_sigkill_during_upload_then_restart_ships_once(start_server: Start, s3_s
     assert len(got) == len(set(got)) and set(acked) <= set(got)
 
 
-def test_read_only_identity_is_reported_and_nothing_is_deleted(start_server: Start, s3_server: SeaweedS3,
+def test_read_only_identity_is_reported_and_nothing_is_deleted(start_server: StartServer, s3_server: SeaweedS3,
                                                                tmp_path: Path) -> None:
     data = tmp_path / "data"
     overrides = ship_overrides(s3_server, "readonly", data, after_upload="delete", unhealthy_after_s=1)
@@ -167,7 +166,7 @@ def test_read_only_identity_is_reported_and_nothing_is_deleted(start_server: Sta
     assert not list((data / MARKER_DIR).iterdir())
 
 
-def test_different_object_under_the_key_is_not_overwritten(start_server: Start, s3_server: SeaweedS3,
+def test_different_object_under_the_key_is_not_overwritten(start_server: StartServer, s3_server: SeaweedS3,
                                                            tmp_path: Path) -> None:
     squatter = tmp_path / "squatter"
     squatter.write_bytes(b"someone else's bytes")
