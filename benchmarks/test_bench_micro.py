@@ -7,7 +7,6 @@ Run:  .venv/bin/python -m pytest benchmarks/test_bench_micro.py -p no:cacheprovi
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -134,7 +133,7 @@ def test_quick_server_runs_compiled_extension(served_implementation: str) -> Non
 def test_quick_gate_compiled_framer_vs_twin(served_implementation: str) -> None:
     """The server's BatchFramer.frame of 1000 x 150 B records >= 3x the pure-Python twin (interleaved)."""
     served = harness.speedups_module(served_implementation)
-    twin = importlib.import_module("telemetry_sink._speedups_py")
+    twin = harness.speedups_module("pure-python")
     keys = os.urandom(16), os.urandom(16)
     recs = [os.urandom(150) for _ in range(1000)]
     fast, slow = served.BatchFramer(*keys), twin.BatchFramer(*keys)
