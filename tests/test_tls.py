@@ -139,13 +139,13 @@ def test_the_client_speaks_mutual_tls(start_server: StartServer, pki: Pki) -> No
 
     server = start_server({"server": {"tls_certfile": str(pki.server_cert), "tls_keyfile": str(pki.server_key),
                                       "tls_client_ca": str(pki.ca_pem)}}, wait=False)
-    wait_tls_ready(server, pki.context(pki.client_pem))
-    with Client(https_url(server), ca_file=pki.ca_pem, client_cert=pki.client_pem) as client:
+    server.wait_ready(verify=pki.context(pki.client_pem))
+    with Client(server.reported_url, ca_file=pki.ca_pem, client_cert=pki.client_pem) as client:
         client.send({"node_id": "mtls-client", "ts": 3.0})
         client.flush(timeout=30)
     wait_stored(server, {"node_id": "mtls-client", "ts": 3.0})
     # Without a client certificate the handshake fails: retried (it may be a network fault), never stored.
-    lacking = Client(https_url(server), ca_file=pki.ca_pem, retry=RetryPolicy(initial_backoff_s=0.05))
+    lacking = Client(server.reported_url, ca_file=pki.ca_pem, retry=RetryPolicy(initial_backoff_s=0.05))
     lacking.send({"node_id": "mtls-client", "ts": 4.0})
     with pytest.raises(DeliveryTimeout):
         lacking.close(timeout=1)
