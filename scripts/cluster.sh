@@ -21,7 +21,8 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 
 free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A killed sink whose zombie nobody has reaped yet (an init that reaps late) is not alive.
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && ! ps -o stat= -p "$(cat "$1")" | grep -q '^Z'; }
 wait_http() {  # URL, what: until it answers 200 (at most ~30 s)
     for _ in $(seq 300); do
         if "$py" -c 'import sys, httpx; sys.exit(httpx.get(sys.argv[1], timeout=1).status_code != 200)' "$1" \

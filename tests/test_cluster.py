@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,7 +86,17 @@ def test_sigkill_one_instance_behind_haproxy_loses_and_duplicates_nothing(cluste
     wait_for(lambda: sum(len(c.acked) for c in clients) > at_kill + 2000, timeout=60,
              what="traffic to continue on the other sinks")
     cluster("start-sink", str(cluster_dir), "2")
-    time.sleep(2)  # let the restarted sink take traffic again (it is back in rotation after 2 checks)
+    restarted = f"http://127.0.0.1:{env['SINK_2_PORT']}/metrics"
+
+    def restarted_sink_takes_records() -> bool:  # HAProxy puts it back in rotation after 2 checks
+        try:
+            text = httpx.get(restarted, timeout=5).text
+        except httpx.TransportError:
+            return False
+        return any(line.startswith("telemetry_sink_records_accepted_total ") and float(line.split()[1]) > 0
+                   for line in text.splitlines())
+
+    wait_for(restarted_sink_takes_records, timeout=60, what="the restarted sink to take records again")
     stop.set()
     for c in clients:
         c.join(30)
