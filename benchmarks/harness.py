@@ -7,6 +7,7 @@ and every load run is bounded in time. Server processes, configs and the clean e
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -31,8 +32,8 @@ from telemetry_sink.testing import (
     ServerProcess,
     best_of,
     clean_env,
-    listening_port,
     merge_config,
+    tcp_sockets,
     write_config,
 )
 
@@ -222,6 +223,19 @@ def rss_mib(pid: int) -> float:
 
 
 _SERIAL = itertools.count()
+
+
+def listening_port(pid: int) -> int | None:
+    """The TCP port process `pid` listens on, as the kernel reports it: for checkouts older than the
+    "listening on" log line (A/B runs against an old commit). None if none yet."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    return next((local for local, _, state, _, inode in tcp_sockets() if state == "0A" and inode in inodes), None)
 
 
 class Server(ServerProcess):

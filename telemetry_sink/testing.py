@@ -152,8 +152,9 @@ def listening_address(log_text: str) -> tuple[str, str, int] | None:
     return None
 
 
-def _tcp_sockets() -> Iterator[tuple[int, int, str, int, str]]:
-    """(local port, remote port, state, bytes unread, inode) of every TCP socket, from /proc/net/tcp{,6}."""
+def tcp_sockets() -> Iterator[tuple[int, int, str, int, str]]:
+    """(local port, remote port, state (hex, as in the kernel: 01 ESTABLISHED, 0A LISTEN), bytes unread, inode) of
+    every TCP socket, from /proc/net/tcp{,6}: what the kernel reports, with no sleeping or guessing."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             for line in f.readlines()[1:]:
@@ -162,23 +163,11 @@ def _tcp_sockets() -> Iterator[tuple[int, int, str, int, str]]:
                        int(fields[4].split(":")[1], 16), fields[9])
 
 
-def listening_port(pid: int) -> int | None:
-    """The TCP port process `pid` listens on, as the kernel reports it (Linux); None if none."""
-    inodes: set[str] = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:[") : -1])
-    return next((local for local, _, state, _, inode in _tcp_sockets() if state == "0A" and inode in inodes), None)
-
-
 def server_connections(port: int) -> tuple[int, int]:
     """(accepted, queued): connections to the server listening on `port` that it accepted and still holds open,
     and those waiting in its accept queue, as the kernel reports them."""
     accepted = queued = 0
-    for local, _, state, _, inode in _tcp_sockets():
+    for local, _, state, _, inode in tcp_sockets():
         if local == port and state in ("01", "08"):  # ESTABLISHED, CLOSE_WAIT (the client hung up first)
             if inode == "0":
                 queued += 1
@@ -208,7 +197,7 @@ class StalledPost:
 
     def _read_by_server(self) -> bool:
         return any(local == self.server_port and remote == self.client_port and inode != "0" and unread == 0
-                   for local, remote, _, unread, inode in _tcp_sockets())
+                   for local, remote, _, unread, inode in tcp_sockets())
 
     def wait_read(self, timeout: float = 10.0) -> None:
         wait_for(self._read_by_server, timeout, "the server to accept and read the request so far")
