@@ -5,18 +5,17 @@ warning), and recovery never rewrites what it must not."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ServerProcess, wait_for
+from conftest import StartServer, wait_for
 
 from telemetry_sink import segment_format
 from telemetry_sink.segment_format import FILE_HEADER_BYTES, MAX_SEQ, frame_batch, segment_name
 
 
-def refused(start_server: Callable[..., ServerProcess], data: Path, workers: int = 1) -> str:
+def refused(start_server: StartServer, data: Path, workers: int = 1) -> str:
     """Start a server on `data`; assert it exits 2 with one line and no traceback; return the line."""
     server = start_server({"server": {"workers": workers}, "writer": {"directory": str(data)}}, wait=False,
                           separate_stderr=True)
@@ -33,7 +32,7 @@ def torn_segment() -> bytes:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_symlinked_segment_is_refused_and_its_target_never_truncated(
-        start_server: Callable[..., ServerProcess], tmp_path: Path, workers: int) -> None:
+        start_server: StartServer, tmp_path: Path, workers: int) -> None:
     target = tmp_path / "elsewhere.bin"
     target.write_bytes(torn_segment())  # recovery would cut its torn tail, through the link
     data = tmp_path / "data"
@@ -45,7 +44,7 @@ def test_a_symlinked_segment_is_refused_and_its_target_never_truncated(
 
 
 def test_a_symlinked_lock_file_is_refused_and_nothing_is_created_through_it(
-        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+        start_server: StartServer, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "w0.lock").symlink_to(tmp_path / "planted")
@@ -54,7 +53,7 @@ def test_a_symlinked_lock_file_is_refused_and_nothing_is_created_through_it(
     assert not (tmp_path / "planted").exists()
 
 
-def test_the_data_directory_itself_may_be_a_symlink(start_server: Callable[..., ServerProcess],
+def test_the_data_directory_itself_may_be_a_symlink(start_server: StartServer,
                                                      tmp_path: Path) -> None:
     real = tmp_path / "real-data"
     real.mkdir()
@@ -66,7 +65,7 @@ def test_the_data_directory_itself_may_be_a_symlink(start_server: Callable[..., 
 
 
 @pytest.mark.parametrize("seq", [MAX_SEQ + 1, 10**20 - 1], ids=["2**64", "largest-20-digit"])
-def test_a_sequence_number_beyond_64_bits_in_a_name_is_refused(start_server: Callable[..., ServerProcess],
+def test_a_sequence_number_beyond_64_bits_in_a_name_is_refused(start_server: StartServer,
                                                                  tmp_path: Path, seq: int) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -77,7 +76,7 @@ def test_a_sequence_number_beyond_64_bits_in_a_name_is_refused(start_server: Cal
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("content", [b"this is a text file, not a segment\n", b"hello"], ids=["long", "short"])
-def test_a_newest_segment_with_bad_magic_is_refused_and_left_alone(start_server: Callable[..., ServerProcess],
+def test_a_newest_segment_with_bad_magic_is_refused_and_left_alone(start_server: StartServer,
                                                                     tmp_path: Path, content: bytes,
                                                                     workers: int) -> None:
     data = tmp_path / "data"
@@ -89,7 +88,7 @@ def test_a_newest_segment_with_bad_magic_is_refused_and_left_alone(start_server:
     assert victim.read_bytes() == content
 
 
-def test_foreign_names_are_ignored_with_one_warning(start_server: Callable[..., ServerProcess],
+def test_foreign_names_are_ignored_with_one_warning(start_server: StartServer,
                                                      tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -108,7 +107,7 @@ def test_foreign_names_are_ignored_with_one_warning(start_server: Callable[..., 
     assert os.path.getsize(data / segment_name("w0", 0)) > len(FILE_HEADER_BYTES)
 
 
-def test_a_series_whose_batches_used_every_sequence_number_is_refused(start_server: Callable[..., ServerProcess],
+def test_a_series_whose_batches_used_every_sequence_number_is_refused(start_server: StartServer,
                                                                        tmp_path: Path) -> None:
     """The name is in range but a batch in it runs to the last number: nothing more can be written."""
     data = tmp_path / "data"
