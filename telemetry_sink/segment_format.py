@@ -11,7 +11,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -94,6 +94,10 @@ class Batch:
             return NotImplemented
         return (self.offset, self.end, self.first_seq, self.count, self.created_ms) == (
             other.offset, other.end, other.first_seq, other.count, other.created_ms) and self.tokens == other.tokens
+
+    def detached(self) -> Batch:
+        """The same batch holding a copy of its own bytes, usable after its image is closed."""
+        return replace(self, _image=bytes(self._image[self._tokens_at:self.end]), _tokens_at=0)
 
     def iter_tokens(self) -> Iterator[bytes]:
         """The batch's tokens in order, each copied out of the image as it is reached."""

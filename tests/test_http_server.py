@@ -50,7 +50,7 @@ def batches_on_disk(directory: Path) -> list[tuple[Path, segment_format.Batch]]:
         if path.stat().st_size < segment_format.FILE_HEADER_SIZE:
             continue  # being created by the writer: its header is not written yet
         with segment_format.SegmentImage(path) as image:
-            out.extend((path, item) for item in image.batches() if isinstance(item, segment_format.Batch))
+            out.extend((path, item.detached()) for item in image.batches() if isinstance(item, segment_format.Batch))
     return out
 
 
