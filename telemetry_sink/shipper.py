@@ -110,16 +110,27 @@ class Shipper:
     # -- the writer's side --
 
     def start(self, series: str) -> None:
-        """Queue every sealed, unconfirmed segment of `series` found on disk, then start the upload threads.
+        """Queue every sealed, unconfirmed segment of `series` (and of series no running writer holds, e.g.
+        left by a run with more workers) found on disk, then start the upload threads.
 
         Call after the writer opened (it never re-opens an old segment while shipping is on, so all
         segments of its series on disk now are sealed).
         """
+        from .rotate import series_is_idle
+
         self._markers.mkdir(parents=True, exist_ok=True)
-        for marker in self._markers.iterdir():  # markers of segments retention has deleted since
-            if not (self.directory / marker.name).exists():
-                marker.unlink(missing_ok=True)
-        found = [p for p in segment_format.series_segments(self.directory, series) if not self.is_shipped(p)]
+        self._prune_markers(leftovers=True)
+        found = []
+        idle: dict[str, bool] = {}
+        for path in segment_format.list_segments(self.directory):
+            try:
+                owner = segment_format.parse_segment_name(path)[0]
+            except ValueError:  # not named as a writer names segments: not ours to ship
+                continue
+            if owner != series and not idle.setdefault(owner, series_is_idle(self.directory, owner)):
+                continue  # another running writer's series: it ships its own
+            if not self.is_shipped(path):
+                found.append(path)
         for path in found:
             self._add(path, path.stat().st_mtime)
         if found:
@@ -129,6 +140,16 @@ class Shipper:
             thread = threading.Thread(target=self._worker, name=f"telemetry-ship-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _prune_markers(self, leftovers: bool = False) -> None:
+        """Drop the markers of segments deleted since (by retention), and with `leftovers` the temporary
+        files of writes a crash interrupted: the marker directory stays small."""
+        for marker in self._markers.iterdir():
+            if marker.name.startswith("."):
+                if leftovers:
+                    marker.unlink(missing_ok=True)
+            elif not (self.directory / marker.name).exists():
+                marker.unlink(missing_ok=True)
 
     def sealed(self, path: Path) -> None:
         """The writer sealed `path` (thread-safe, returns at once)."""
@@ -254,6 +275,8 @@ class Shipper:
             write_durably(marker, orjson.dumps({"key": item.key, "size": item.size}),
                           marker.with_name(f".{marker.name}.tmp"), 0o644)
             fsync_dir(self._markers)
+            if self.uploaded % 100 == 0:
+                self._prune_markers()
         self.uploaded += 1
         self._done(item)
 
