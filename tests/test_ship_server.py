@@ -210,3 +210,22 @@ def test_verify_names_the_damaged_object_and_batch(s3_server: SeaweedS3, tmp_pat
     # The same report as for the local files, line for line, but for the names.
     strip = re.compile(r"^\S+/(w0-\d+\.tslog)", re.M)
     assert strip.sub(r"\1", remote.stdout.decode()) == strip.sub(r"\1", local.stdout.decode())
+
+
+def test_two_workers_ship_their_own_series_under_one_instance_id(start_server: Start, s3_server: SeaweedS3,
+                                                                  tmp_path: Path, key_file: Path) -> None:
+    data = tmp_path / "data"
+    overrides = ship_overrides(s3_server, "workers", data)
+    overrides["server"] = {"workers": 2}
+    server = start_server(overrides, env=s3_server.env(RW))
+    acked = []
+    for i in range(0, 800, 20):  # a new connection each, so both workers get some
+        body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * 40} for j in range(i, i + 20)])
+        if server.post(body, headers={"connection": "close"}).status_code == 202:
+            acked.extend(range(i, i + 20))
+    assert server.stop() in GRACEFUL_EXIT
+    assert read_s3(s3_server, "workers", key_file) == acked == list(range(800))
+    objects = bucket(s3_server, "workers").list()
+    instance = (data / "instance_id").read_text().strip()
+    assert {o.key.split("/")[4] for o in objects} == {instance}
+    assert {o.key.split("/")[5].split("-")[0] for o in objects} == {"w0", "w1"}
