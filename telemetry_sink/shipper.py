@@ -170,10 +170,14 @@ class Shipper:
         return (self._markers / path.name).exists()
 
     def stop(self, drain_s: float = 0.0) -> None:
-        """Give pending uploads up to `drain_s` to finish, then stop the threads (the rest ship after a restart)."""
+        """Give due uploads up to `drain_s` to finish, then stop the threads (the rest ship after a restart).
+
+        The drain ends early at the first failure: a store that is down now will not be up in seconds.
+        """
         deadline = time.monotonic() + drain_s
         with self._cond:
-            while self._pending and time.monotonic() < deadline and any(
+            failures = sum(self.failures.values())
+            while self._pending and time.monotonic() < deadline and sum(self.failures.values()) == failures and any(
                     p.next_try <= time.monotonic() or p.in_flight for p in self._pending.values()):
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self._stopping = True
@@ -293,7 +297,6 @@ class Shipper:
         # Exponential backoff with full jitter, capped: a store that is down is not hammered.
         cap = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** min(item.attempts - 1, 30))
         delay = cap / 2 + random.uniform(0, cap / 2)
-        self.failures[reason] += 1
         if self.metrics is not None:
             self.metrics.failed(reason)
         key = item.key or item.path.name
@@ -306,6 +309,7 @@ class Shipper:
                         message, item.attempts, delay,
                         extra={"event": "ship_failed", "key": url, "segment": item.path.name, "reason": reason})
         with self._cond:
+            self.failures[reason] += 1
             item.in_flight = False
             item.next_try = time.monotonic() + delay
             if reason == "conflict":
