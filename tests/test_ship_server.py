@@ -89,6 +89,8 @@ def test_round_trip_from_two_instances(start_server: Start, s3_server: SeaweedS3
     assert verify.returncode == 0, verify.stdout.decode()
     assert b"1000 records, 0 damaged, every token authenticated" in verify.stdout
     assert read_s3(s3_server, "round", key_file, "--instance", "sink-a") == list(range(600))
+    for output in (a.log(), b.log()):
+        assert RW[1] not in output and RW[0] not in output  # credentials appear in no log line
 
 
 def test_store_down_when_segments_seal_then_back(start_server: Start, start_s3: Callable[[], SeaweedS3],
@@ -105,12 +107,16 @@ def test_store_down_when_segments_seal_then_back(start_server: Start, start_s3: 
     waiting = metric(server, "ship_waiting_segments")
     assert waiting >= 3 and metric(server, "ship_waiting_bytes") > 10_000
     assert metric(server, "ship_oldest_unshipped_age_seconds") > 0
-    assert len(segment_format.list_segments(data)) >= waiting  # retention deleted nothing unshipped
+    assert len(segment_format.list_segments(data)) >= waiting
+    assert "retention: deleted" not in server.log()  # over budget, but nothing is shipped: nothing deleted
     assert "upload of w0-" in server.log() and "failed (unreachable)" in server.log()
     s3.start()
     wait_for(lambda: metric(server, "ship_waiting_segments") == 0, timeout=60, what="the backlog to drain")
     wait_for(lambda: not readiness(server), what="ready again")
     assert metric(server, "ship_oldest_unshipped_age_seconds") == 0
+    post_records(server, 500, 100)  # the next seal runs retention, which may now delete shipped segments
+    wait_for(lambda: "retention: deleted" in server.log(), what="retention of shipped segments")
+    acked += list(range(500, 600))
     assert server.stop() in GRACEFUL_EXIT
     assert read_s3(s3, "outage", key_file) == acked
 
@@ -207,6 +213,10 @@ def test_verify_names_the_damaged_object_and_batch(s3_server: SeaweedS3, tmp_pat
     assert len(damaged) == 1 and damaged[0].startswith("s3://telemetry/flipped/v1/")
     assert f"/inst/{first.name}: DAMAGED" in damaged[0]
     assert f"corrupt batch at offset {batch.offset} " in remote.stdout.decode()
+    (tmp_path / "k").write_bytes(key + b"\n")
+    read = run_cli("read", "--key-file", str(tmp_path / "k"), s3_server.url("flipped"), env=s3_server.env(RO))
+    assert f"/inst/{first.name}: damaged batch at offset {batch.offset} " in read.stderr.decode()
+    assert len(read.stdout.splitlines()) == 400 - batch.count
     # The same report as for the local files, line for line, but for the names.
     strip = re.compile(r"^\S+/(w0-\d+\.tslog)", re.M)
     assert strip.sub(r"\1", remote.stdout.decode()) == strip.sub(r"\1", local.stdout.decode())
