@@ -14,6 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -63,13 +64,29 @@ def _run(workdir: Path, s3: SeaweedS3 | None, seconds: float, conns: int) -> dic
     try:
         started = time.monotonic()
         store_cpu = harness.cpu_seconds(s3.proc.pid) if s3 is not None and s3.proc is not None else 0.0
-        point, _runs = harness.measure(server, harness.payload("array100"), seconds, conns)
+        backlog: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:  # the backlog through the run: bounded, or growing?
+            while s3 is not None and not done.wait(1.0):
+                backlog.append(_metric(server, "ship_waiting_bytes"))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            point, _runs = harness.measure(server, harness.payload("array100"), seconds, conns)
+        finally:
+            done.set()
+            sampler.join(10)
         elapsed = time.monotonic() - started
         if s3 is not None and s3.proc is not None:
             store_cpu = harness.cpu_seconds(s3.proc.pid) - store_cpu
         assert server.data_dir is not None
         written = sum(p.stat().st_size for p in segment_format.list_segments(server.data_dir))
+        half = len(backlog) // 2
         out = {"records_per_s": point.records_per_s, "elapsed_s": elapsed, "written_bytes": written,
+               "backlog_max_first_half": max(backlog[:half], default=0.0),
+               "backlog_max_second_half": max(backlog[half:], default=0.0),
                "sink_cpu_s": point.server_cpu_s, "store_cpu_s": store_cpu}
         if s3 is not None:
             out.update(shipped_bytes=_metric(server, "ship_uploaded_bytes_total"),
@@ -100,7 +117,9 @@ def test_ship_keeps_up_with_peak_ingest(wrk: str, bench_options: dict[str, Any],
               f"written {b['written_bytes'] / b['elapsed_s'] / 2**20:.1f} MiB/s, shipped "
               f"{b['shipped_bytes'] / b['elapsed_s'] / 2**20:.1f} MiB/s over {b['elapsed_s']:.1f} s; "
               f"left waiting at the end: {b['waiting_segments']:.0f} segment(s), {b['waiting_bytes'] / 2**20:.1f} MiB; "
-              f"CPU s during the measured run: sink off {a['sink_cpu_s']:.1f}, sink on {b['sink_cpu_s']:.1f}, "
+              f"largest backlog in the first / second half of the run: {b['backlog_max_first_half'] / 2**20:.0f} / "
+              f"{b['backlog_max_second_half'] / 2**20:.0f} MiB; CPU s during the measured run: "
+              f"sink off {a['sink_cpu_s']:.1f}, sink on {b['sink_cpu_s']:.1f}, "
               f"SeaweedFS {b['store_cpu_s']:.1f}")
     p50 = statistics.median(latencies) if latencies else float("nan")
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else float("nan")
