@@ -65,6 +65,12 @@ class ShipStatus:
     conflicts: list[str] = field(default_factory=list)  # object keys holding different content
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Inode, size and mtime: they change if the file is replaced or written to."""
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def first_created_ms(path: Path) -> int:
     """Creation time of the segment's first intact batch (its key's date), else the file's mtime."""
     with segment_format.SegmentImage(path) as image:
@@ -160,6 +166,10 @@ class Shipper:
             size = path.stat().st_size
         except FileNotFoundError:
             return
+        if size <= segment_format.FILE_HEADER_SIZE:
+            # No record in it (a crash between creating a segment and its first batch, or a failed
+            # first write): nothing to ship, and the writer may yet replace it under the same name.
+            return
         with self._cond:
             if path not in self._pending:
                 self._pending[path] = _Pending(path, size, sealed_at)
@@ -245,7 +255,17 @@ class Shipper:
             log.debug("uploading segment %s to %s (%d bytes)", item.path.name, item.key, item.size,
                       extra={"event": "segment_upload_started", "segment": item.path.name, "key": item.key})
             started = time.monotonic()
+            before = _identity(item.path)
             result = self.bucket.upload_create_only(item.key, item.path)
+            if _identity(item.path) != before:
+                # Replaced or changed while it was read (it must not be, once sealed): what was uploaded
+                # is not what is on disk, so it is not confirmed. Uploading again raises the conflict alarm.
+                log.error("shipping: %s changed while it was uploaded; not confirmed, uploading again",
+                          item.path.name, extra={"event": "ship_changed", "segment": item.path.name})
+                with self._cond:
+                    item.size, item.in_flight, item.next_try = item.path.stat().st_size, False, 0.0
+                    self._cond.notify_all()
+                return
         except FileNotFoundError:
             log.warning("shipping: %s vanished before it was uploaded", item.path.name)
             self._done(item)

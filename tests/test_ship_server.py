@@ -239,3 +239,21 @@ def test_two_workers_ship_their_own_series_under_one_instance_id(start_server: S
     instance = (data / "instance_id").read_text().strip()
     assert {o.key.split("/")[4] for o in objects} == {instance}
     assert {o.key.split("/")[5].split("-")[0] for o in objects} == {"w0", "w1"}
+
+
+def test_restart_after_a_crash_that_left_an_empty_segment(start_server: Start, s3_server: SeaweedS3,
+                                                          tmp_path: Path, key_file: Path) -> None:
+    # A crash between creating a segment (its header) and its first batch leaves a segment with no record;
+    # with shipping on no tail is re-opened, so the next segment needs that name.
+    data = tmp_path / "data"
+    write_log(data, key_file.read_bytes().strip(), 40)
+    [first] = segment_format.list_segments(data)
+    next_seq = segment_format.parse_segment_name(first)[1] + 40
+    empty = data / segment_format.segment_name("w0", next_seq)
+    empty.write_bytes(segment_format.FILE_HEADER_BYTES)
+    server = start_server(ship_overrides(s3_server, "empty", data), env=s3_server.env(RW))
+    acked = post_records(server, 40, 100)
+    assert acked == list(range(40, 140))
+    assert server.stop() in GRACEFUL_EXIT
+    assert "Traceback" not in server.log() and "failed" not in server.log()
+    assert read_s3(s3_server, "empty", key_file) == list(range(140))
