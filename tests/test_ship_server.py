@@ -217,6 +217,9 @@ def test_verify_names_the_damaged_object_and_batch(s3_server: SeaweedS3, tmp_pat
     read = run_cli("read", "--key-file", str(tmp_path / "k"), s3_server.url("flipped"), env=s3_server.env(RO))
     assert f"/inst/{first.name}: damaged batch at offset {batch.offset} " in read.stderr.decode()
     assert len(read.stdout.splitlines()) == 400 - batch.count
+    one = run_cli("verify", damaged[0].split(": DAMAGED")[0], env=s3_server.env(RO))  # one object named in full
+    assert one.returncode == 1 and one.stdout.decode().splitlines()[0] == damaged[0]
+    assert "1 segments," in one.stdout.decode()
     # The same report as for the local files, line for line, but for the names.
     strip = re.compile(r"^\S+/(w0-\d+\.tslog)", re.M)
     assert strip.sub(r"\1", remote.stdout.decode()) == strip.sub(r"\1", local.stdout.decode())
