@@ -1,10 +1,10 @@
 """The shipper: uploads sealed segments to object storage on its own threads, off the event loop.
 
 Only sealed segments are shipped (the writer reports each seal; a restart finds the rest), each as one
-object under an idempotent key, create-only. A confirmed upload is recorded in a marker file written
-atomically in `<directory>/.shipped/`, so the shipped state survives crashes: whatever was sealed but
-not confirmed is uploaded again after a restart, which is harmless because the key is the same and an
-equal object already there counts as success. Until its marker exists a segment may not be deleted.
+object under an idempotent key, create-only. A confirmed upload is recorded (ship_state: a marker file
+per segment, written atomically), so the shipped state survives crashes: whatever was sealed but not
+confirmed is uploaded again after a restart, which is harmless because the key is the same and an equal
+object already there counts as success. Until it is confirmed a segment may not be deleted.
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from . import segment_format
 from .config import ShipConfig
 from .objstore import Bucket, Destination, ObjectStoreError, StoreSettings, object_key, parse_url
-from .segment_format import fsync_dir, write_durably
+from .segment_format import fsync_dir
 from .ship_metrics import ShipMetrics
+from .ship_state import ShippedState
 
 log = logging.getLogger("telemetry_sink.shipper")
 
-MARKER_DIR = ".shipped"
 AFTER_UPLOAD = ("keep", "delete")
 
 
@@ -91,7 +89,7 @@ class Shipper:
         self.metrics = metrics
         self.failures: Counter[str] = Counter()
         self.uploaded = 0
-        self._markers = directory / MARKER_DIR
+        self.state = ShippedState(directory)
         self._cond = threading.Condition()
         self._pending: dict[Path, _Pending] = {}
         self._conflicts: dict[Path, str] = {}
@@ -124,8 +122,7 @@ class Shipper:
         """
         from .rotate import series_is_idle
 
-        self._markers.mkdir(parents=True, exist_ok=True)
-        self._prune_markers(leftovers=True)
+        self.state.prepare()
         found = []
         idle: dict[str, bool] = {}
         for path in segment_format.list_segments(self.directory):
@@ -147,16 +144,6 @@ class Shipper:
             thread.start()
             self._threads.append(thread)
 
-    def _prune_markers(self, leftovers: bool = False) -> None:
-        """Drop the markers of segments deleted since (by retention), and with `leftovers` the temporary
-        files of writes a crash interrupted: the marker directory stays small."""
-        for marker in self._markers.iterdir():
-            if marker.name.startswith("."):
-                if leftovers:
-                    marker.unlink(missing_ok=True)
-            elif not (self.directory / marker.name).exists():
-                marker.unlink(missing_ok=True)
-
     def sealed(self, path: Path) -> None:
         """The writer sealed `path` (thread-safe, returns at once)."""
         self._add(path, time.time())
@@ -177,7 +164,7 @@ class Shipper:
 
     def is_shipped(self, path: Path) -> bool:
         """True once the segment's upload is confirmed (retention may delete it)."""
-        return (self._markers / path.name).exists()
+        return self.state.is_shipped(path)
 
     def stop(self, drain_s: float = 0.0) -> None:
         """Give due uploads up to `drain_s` to finish, then stop the threads (the rest ship after a restart).
@@ -295,12 +282,8 @@ class Shipper:
             item.path.unlink(missing_ok=True)
             fsync_dir(self.directory)
         else:
-            marker = self._markers / item.path.name
-            write_durably(marker, orjson.dumps({"key": item.key, "size": item.size}),
-                          marker.with_name(f".{marker.name}.tmp"), 0o644)
-            fsync_dir(self._markers)
-            if self.uploaded % 100 == 0:
-                self._prune_markers()
+            assert item.key is not None
+            self.state.record(item.path, item.key, item.size)
         self.uploaded += 1
         self._done(item)
 

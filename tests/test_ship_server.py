@@ -20,7 +20,8 @@ from s3_support import RO, RW, SeaweedS3
 
 from telemetry_sink import segment_format
 from telemetry_sink.objstore import Bucket, StoreSettings, object_key, parse_url
-from telemetry_sink.shipper import MARKER_DIR, first_created_ms
+from telemetry_sink.ship_state import MARKER_DIR
+from telemetry_sink.shipper import first_created_ms
 
 Start = Callable[..., ServerProcess]
 GRACEFUL_EXIT = (0, -signal.SIGTERM)  # uvicorn may re-raise the signal after a clean shutdown
@@ -260,3 +261,45 @@ def test_restart_after_a_crash_that_left_an_empty_segment(start_server: Start, s
     assert server.stop() in GRACEFUL_EXIT
     assert "Traceback" not in server.log() and "failed" not in server.log()
     assert read_s3(s3_server, "empty", key_file) == list(range(140))
+
+
+def test_store_down_fills_the_disk_then_507_until_it_is_back(start_server: Start, start_s3: Callable[[], SeaweedS3],
+                                                             tmp_path: Path, key_file: Path) -> None:
+    from test_durability import small_tmpfs
+
+    s3 = start_s3()
+    s3.stop()
+    with small_tmpfs(tmp_path / "disk", "384k") as disk:
+        overrides = ship_overrides(s3, "diskfull", disk / "data")
+        overrides["writer"]["retention_bytes"] = 16000  # with the store up, the disk would stay nearly empty
+        overrides["ingest"] = {"ack": "durable"}
+        server = start_server(overrides, env=s3.env(RW))
+        acked: list[int] = []
+        status = 202
+        for i in range(0, 100_000, 20):  # until the disk is full: retention may not delete unshipped segments
+            body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * 40} for j in range(i, i + 20)])
+            r = server.post(body)
+            status = r.status_code
+            if status == 202:
+                acked.extend(range(i, i + 20))
+            else:
+                break
+        assert status == 507 and r.json()["error"] == "insufficient_storage", r.text
+        assert "retention: deleted" not in server.log()
+        s3.start()  # shipping resumes, retention deletes what is confirmed, space returns
+        wait_for(lambda: "retention: deleted" in server.log(), timeout=60, what="retention after the uploads")
+        last = 100_000
+
+        def accepted_again() -> bool:
+            nonlocal last
+            body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * 40} for j in range(last, last + 20)])
+            ok = server.post(body).status_code == 202
+            if ok:
+                acked.extend(range(last, last + 20))
+            last += 20
+            return ok
+
+        wait_for(accepted_again, timeout=60, what="202 again")
+        assert server.stop() in GRACEFUL_EXIT
+        got = read_s3(s3, "diskfull", key_file)
+        assert set(acked) <= set(got) and len(got) == len(set(got))

@@ -12,7 +12,8 @@ from s3_support import RW, SeaweedS3
 
 from telemetry_sink import segment_format
 from telemetry_sink.objstore import Bucket, StoreSettings, object_key, parse_url
-from telemetry_sink.shipper import MARKER_DIR, Shipper, ShipSettings, first_created_ms
+from telemetry_sink.ship_state import MARKER_DIR
+from telemetry_sink.shipper import Shipper, ShipSettings, first_created_ms
 
 
 @pytest.fixture(autouse=True)
