@@ -108,6 +108,9 @@ def test_store_down_when_segments_seal_then_back(start_server: Start, start_s3: 
     waiting = metric(server, "ship_waiting_segments")
     assert waiting >= 3 and metric(server, "ship_waiting_bytes") > 10_000
     assert metric(server, "ship_oldest_unshipped_age_seconds") > 0
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    failures = re.search(r'^telemetry_sink_ship_failures_total\{reason="unreachable"\} ([0-9.e+]+)$', text, re.M)
+    assert failures is not None and float(failures.group(1)) >= 1
     assert len(segment_format.list_segments(data)) >= waiting
     assert "retention: deleted" not in server.log()  # over budget, but nothing is shipped: nothing deleted
     assert "upload of w0-" in server.log() and "failed (unreachable)" in server.log()
