@@ -69,6 +69,16 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _ends_cleanly(path: Path) -> bool:
+    """True unless the segment ends in a torn batch (what recovery would cut off)."""
+    try:
+        with segment_format.SegmentImage(path) as image:
+            return not any(isinstance(item, segment_format.Damage) and item.kind == "torn"
+                           for item in image.batches())
+    except (OSError, segment_format.SegmentFormatError):
+        return False
+
+
 def first_created_ms(path: Path) -> int:
     """Creation time of the segment's first intact batch (its key's date), else the file's mtime."""
     with segment_format.SegmentImage(path) as image:
@@ -123,17 +133,22 @@ class Shipper:
         from .rotate import series_is_idle
 
         self.state.prepare()
-        found = []
-        idle: dict[str, bool] = {}
+        by_series: dict[str, list[Path]] = {}
         for path in segment_format.list_segments(self.directory):
             try:
-                owner = segment_format.parse_segment_name(path)[0]
+                by_series.setdefault(segment_format.parse_segment_name(path)[0], []).append(path)
             except ValueError:  # not named as a writer names segments: not ours to ship
                 continue
-            if owner != series and not idle.setdefault(owner, series_is_idle(self.directory, owner)):
-                continue  # another running writer's series: it ships its own
-            if not self.is_shipped(path):
-                found.append(path)
+        found: list[Path] = []
+        for owner, paths in by_series.items():
+            if owner != series:
+                if not series_is_idle(self.directory, owner):
+                    continue  # another running writer's series: it ships its own
+                # Its newest segment may end in a torn batch that whoever claims the series next cuts
+                # off: then leave that one to them (their start ships it).
+                if not _ends_cleanly(paths[-1]):
+                    paths = paths[:-1]
+            found.extend(p for p in paths if not self.is_shipped(p))
         for path in found:
             self._add(path, path.stat().st_mtime)
         if found:

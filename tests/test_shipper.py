@@ -120,7 +120,7 @@ def test_series_left_by_another_run_are_shipped_unless_a_writer_holds_them(
     import os
 
     data = tmp_path / "data"
-    write_log(data, Fernet.generate_key(), 100)  # series w0, its writer gone
+    write_log(data, Fernet.generate_key(), 400)  # series w0 (3 segments), its writer gone
     (data / MARKER_DIR).mkdir()
     (data / MARKER_DIR / "w0-00000000000000000000.tslog.gone").write_text("{}")  # a segment deleted since
     held = os.open(data / "w0.lock", os.O_RDWR)
@@ -136,3 +136,17 @@ def test_series_left_by_another_run_are_shipped_unless_a_writer_holds_them(
     shipper.start("w1")
     wait_for(lambda: shipper.status().waiting_segments == 0 and shipper.uploaded, what="uploads")
     assert [o.key for o in bucket.list()] == expected_keys(data)
+
+
+def test_a_torn_newest_segment_of_another_series_is_left_to_whoever_claims_it(
+        s3_server: SeaweedS3, tmp_path: Path, shippers: list[Shipper]) -> None:
+    data = tmp_path / "data"
+    write_log(data, Fernet.generate_key(), 400)
+    newest = segment_format.list_segments(data)[-1]
+    with open(newest, "ab") as f:
+        f.write(b"TSB1\x00\x00\x10\x00partial")  # a batch cut short by a crash
+    shipper, bucket = make(data, s3_server, "shipper-orphan-torn", shippers)
+    shipper.start("w1")
+    wait_for(lambda: shipper.status().waiting_segments == 0 and shipper.uploaded, what="uploads")
+    assert [o.key for o in bucket.list()] == expected_keys(data)[:-1]
+    assert not shipper.is_shipped(newest)
