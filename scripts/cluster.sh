@@ -21,8 +21,10 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 
 free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-# A killed sink whose zombie nobody has reaped yet (an init that reaps late) is not alive.
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && ! ps -o stat= -p "$(cat "$1")" | grep -q '^Z'; }
+running() {  # PID: alive and not a zombie (a killed sink stays one when no init process reaps orphans)
+    [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -c1)" != Z ]
+}
+alive() { [ -f "$1" ] && running "$(cat "$1")"; }
 wait_http() {  # URL, what: until it answers 200 (at most ~30 s)
     for _ in $(seq 300); do
         if "$py" -c 'import sys, httpx; sys.exit(httpx.get(sys.argv[1], timeout=1).status_code != 200)' "$1" \
@@ -37,9 +39,9 @@ stop_pid() {  # PIDFILE: SIGTERM, wait up to 30 s for the exit
     [ -f "$1" ] || return 0
     local pid
     pid=$(cat "$1")
-    if kill -0 "$pid" 2>/dev/null; then
+    if running "$pid"; then
         kill -TERM "$pid"
-        for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 300); do running "$pid" || break; sleep 0.1; done
     fi
     rm -f "$1"
 }

@@ -143,7 +143,11 @@ class Bucket:
     """One destination (bucket + prefix) behind an obstore S3Store; every method may raise ObjectStoreError."""
 
     def __init__(self, destination: Destination, settings: StoreSettings) -> None:
-        from obstore.store import S3Store
+        try:
+            from obstore.store import S3Store
+        except ImportError:
+            raise ObjectStoreError("missing_client", "the object store client is not installed: "
+                                   "pip install 'telemetry-sink[s3]' (obstore)") from None
 
         self.destination = destination
         config: dict[str, str] = {"checksum_algorithm": "sha256"}  # the store verifies every upload

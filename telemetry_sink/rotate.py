@@ -34,7 +34,7 @@ class RotationReport:
     tokens_rotated: int = 0
 
 
-def _series_is_idle(directory: Path, series: str) -> bool:
+def series_is_idle(directory: Path, series: str) -> bool:
     """True when no running writer holds the series' lock (we may touch its newest segment)."""
     lock = directory / f"{series}.lock"
     if not lock.exists():
@@ -111,7 +111,7 @@ def rotate_directory(directory: Path, crypto: CryptoService, progress: Progress 
             newest[segment_format.parse_segment_name(path)[0]] = path
         except ValueError:
             continue  # a foreign name: no series' newest segment, so no writer appends to it
-    active = {path for series, path in newest.items() if not _series_is_idle(directory, series)}
+    active = {path for series, path in newest.items() if not series_is_idle(directory, series)}
     for path in segments:
         if progress is not None:
             progress.advance(0, path.stat().st_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import segment_format
-from .objstore import OBJECT_KEY, Bucket, StoreSettings, is_url, parse_url
+from .objstore import OBJECT_KEY, Bucket, Destination, StoreSettings, is_url, parse_url
 from .segment_format import FILE_HEADER_SIZE, Batch, Damage, SegmentImage
 from .segment_stream import iter_stream_batches
 
@@ -127,20 +127,27 @@ class ObjectFilter:
 
 
 def object_segments(url: str, settings: StoreSettings, only: ObjectFilter) -> list[ObjectSegment]:
-    """The segment objects under `url` in key order (day, instance, series, first sequence number)."""
+    """The segment objects under `url` in key order (day, instance, series, first sequence number); a URL
+    ending in `.tslog` names one object."""
     try:
         dest = parse_url(url)
     except ValueError as exc:
         raise NoSegmentsError(str(exc)) from None
+    single = None
+    if dest.prefix.endswith(segment_format.SEGMENT_SUFFIX):  # one object named in full
+        parent, _, single = dest.prefix.rpartition("/")
+        dest = Destination(dest.bucket, parent)
     bucket = Bucket(dest, settings)
     prefix = ""
-    if only.day is not None:
+    if only.day is not None and single is None:
         prefix = "v1/" + only.day.replace("-", "/")
         if only.instance is not None:
             prefix += f"/{only.instance}"
     out: list[ObjectSegment] = []
     for obj in bucket.list(prefix):
         match = OBJECT_KEY.search(dest.full_key(obj.key))
+        if single is not None and obj.key != single:
+            continue
         if match is None or (only.instance is not None and match["instance"] != only.instance):
             continue
         out.append(ObjectSegment(bucket, obj.key, obj.size, match["instance"], match["series"]))

@@ -75,8 +75,12 @@ def _attach_shipper(service: Any, config: Config, registry: Any) -> None:
 
     try:
         shipper = Shipper.from_config(config.ship, config.writer.directory, ShipMetrics(registry))
-    except (InstanceIdError, ObjectStoreError, ValueError) as exc:
-        raise ServeError(f"[ship]: {exc}") from None
+    except InstanceIdError as exc:  # names the key or the file already
+        raise ServeError(str(exc)) from None
+    except ObjectStoreError as exc:
+        raise ServeError(f"[ship]: cannot set up the object store client: {exc}") from None
+    except ValueError as exc:
+        raise ServeError(f"[ship] destination: {exc}") from None
     writer = service.writer
     writer.reopen_tail = False  # a segment once closed is immutable: it may already be shipped
     writer.on_sealed = shipper.sealed

@@ -1,10 +1,10 @@
 """The shipper: uploads sealed segments to object storage on its own threads, off the event loop.
 
 Only sealed segments are shipped (the writer reports each seal; a restart finds the rest), each as one
-object under an idempotent key, create-only. A confirmed upload is recorded in a marker file written
-atomically in `<directory>/.shipped/`, so the shipped state survives crashes: whatever was sealed but
-not confirmed is uploaded again after a restart, which is harmless because the key is the same and an
-equal object already there counts as success. Until its marker exists a segment may not be deleted.
+object under an idempotent key, create-only. A confirmed upload is recorded (ship_state: a marker file
+per segment, written atomically), so the shipped state survives crashes: whatever was sealed but not
+confirmed is uploaded again after a restart, which is harmless because the key is the same and an equal
+object already there counts as success. Until it is confirmed a segment may not be deleted.
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from . import segment_format
 from .config import ShipConfig
 from .objstore import Bucket, Destination, ObjectStoreError, StoreSettings, object_key, parse_url
-from .segment_format import fsync_dir, write_durably
+from .segment_format import fsync_dir
 from .ship_metrics import ShipMetrics
+from .ship_state import ShippedState
 
 log = logging.getLogger("telemetry_sink.shipper")
 
-MARKER_DIR = ".shipped"
 AFTER_UPLOAD = ("keep", "delete")
 
 
@@ -65,6 +63,22 @@ class ShipStatus:
     conflicts: list[str] = field(default_factory=list)  # object keys holding different content
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Inode, size and mtime: they change if the file is replaced or written to."""
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _ends_cleanly(path: Path) -> bool:
+    """True unless the segment ends in a torn batch (what recovery would cut off)."""
+    try:
+        with segment_format.SegmentImage(path) as image:
+            return not any(isinstance(item, segment_format.Damage) and item.kind == "torn"
+                           for item in image.batches())
+    except (OSError, segment_format.SegmentFormatError):
+        return False
+
+
 def first_created_ms(path: Path) -> int:
     """Creation time of the segment's first intact batch (its key's date), else the file's mtime."""
     with segment_format.SegmentImage(path) as image:
@@ -85,7 +99,7 @@ class Shipper:
         self.metrics = metrics
         self.failures: Counter[str] = Counter()
         self.uploaded = 0
-        self._markers = directory / MARKER_DIR
+        self.state = ShippedState(directory)
         self._cond = threading.Condition()
         self._pending: dict[Path, _Pending] = {}
         self._conflicts: dict[Path, str] = {}
@@ -110,16 +124,31 @@ class Shipper:
     # -- the writer's side --
 
     def start(self, series: str) -> None:
-        """Queue every sealed, unconfirmed segment of `series` found on disk, then start the upload threads.
+        """Queue every sealed, unconfirmed segment of `series` (and of series no running writer holds, e.g.
+        left by a run with more workers) found on disk, then start the upload threads.
 
         Call after the writer opened (it never re-opens an old segment while shipping is on, so all
         segments of its series on disk now are sealed).
         """
-        self._markers.mkdir(parents=True, exist_ok=True)
-        for marker in self._markers.iterdir():  # markers of segments retention has deleted since
-            if not (self.directory / marker.name).exists():
-                marker.unlink(missing_ok=True)
-        found = [p for p in segment_format.series_segments(self.directory, series) if not self.is_shipped(p)]
+        from .rotate import series_is_idle
+
+        self.state.prepare()
+        by_series: dict[str, list[Path]] = {}
+        for path in segment_format.list_segments(self.directory):
+            try:
+                by_series.setdefault(segment_format.parse_segment_name(path)[0], []).append(path)
+            except ValueError:  # not named as a writer names segments: not ours to ship
+                continue
+        found: list[Path] = []
+        for owner, paths in by_series.items():
+            if owner != series:
+                if not series_is_idle(self.directory, owner):
+                    continue  # another running writer's series: it ships its own
+                # Its newest segment may end in a torn batch that whoever claims the series next cuts
+                # off: then leave that one to them (their start ships it).
+                if not _ends_cleanly(paths[-1]):
+                    paths = paths[:-1]
+            found.extend(p for p in paths if not self.is_shipped(p))
         for path in found:
             self._add(path, path.stat().st_mtime)
         if found:
@@ -139,6 +168,10 @@ class Shipper:
             size = path.stat().st_size
         except FileNotFoundError:
             return
+        if size <= segment_format.FILE_HEADER_SIZE:
+            # No record in it (a crash between creating a segment and its first batch, or a failed
+            # first write): nothing to ship, and the writer may yet replace it under the same name.
+            return
         with self._cond:
             if path not in self._pending:
                 self._pending[path] = _Pending(path, size, sealed_at)
@@ -146,13 +179,17 @@ class Shipper:
 
     def is_shipped(self, path: Path) -> bool:
         """True once the segment's upload is confirmed (retention may delete it)."""
-        return (self._markers / path.name).exists()
+        return self.state.is_shipped(path)
 
     def stop(self, drain_s: float = 0.0) -> None:
-        """Give pending uploads up to `drain_s` to finish, then stop the threads (the rest ship after a restart)."""
+        """Give due uploads up to `drain_s` to finish, then stop the threads (the rest ship after a restart).
+
+        The drain ends early at the first failure: a store that is down now will not be up in seconds.
+        """
         deadline = time.monotonic() + drain_s
         with self._cond:
-            while self._pending and time.monotonic() < deadline and any(
+            failures = sum(self.failures.values())
+            while self._pending and time.monotonic() < deadline and sum(self.failures.values()) == failures and any(
                     p.next_try <= time.monotonic() or p.in_flight for p in self._pending.values()):
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self._stopping = True
@@ -220,7 +257,17 @@ class Shipper:
             log.debug("uploading segment %s to %s (%d bytes)", item.path.name, item.key, item.size,
                       extra={"event": "segment_upload_started", "segment": item.path.name, "key": item.key})
             started = time.monotonic()
+            before = _identity(item.path)
             result = self.bucket.upload_create_only(item.key, item.path)
+            if _identity(item.path) != before:
+                # Replaced or changed while it was read (it must not be, once sealed): what was uploaded
+                # is not what is on disk, so it is not confirmed. Uploading again raises the conflict alarm.
+                log.error("shipping: %s changed while it was uploaded; not confirmed, uploading again",
+                          item.path.name, extra={"event": "ship_changed", "segment": item.path.name})
+                with self._cond:
+                    item.size, item.in_flight, item.next_try = item.path.stat().st_size, False, 0.0
+                    self._cond.notify_all()
+                return
         except FileNotFoundError:
             log.warning("shipping: %s vanished before it was uploaded", item.path.name)
             self._done(item)
@@ -250,10 +297,8 @@ class Shipper:
             item.path.unlink(missing_ok=True)
             fsync_dir(self.directory)
         else:
-            marker = self._markers / item.path.name
-            write_durably(marker, orjson.dumps({"key": item.key, "size": item.size}),
-                          marker.with_name(f".{marker.name}.tmp"), 0o644)
-            fsync_dir(self._markers)
+            assert item.key is not None
+            self.state.record(item.path, item.key, item.size)
         self.uploaded += 1
         self._done(item)
 
@@ -270,7 +315,6 @@ class Shipper:
         # Exponential backoff with full jitter, capped: a store that is down is not hammered.
         cap = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** min(item.attempts - 1, 30))
         delay = cap / 2 + random.uniform(0, cap / 2)
-        self.failures[reason] += 1
         if self.metrics is not None:
             self.metrics.failed(reason)
         key = item.key or item.path.name
@@ -283,6 +327,7 @@ class Shipper:
                         message, item.attempts, delay,
                         extra={"event": "ship_failed", "key": url, "segment": item.path.name, "reason": reason})
         with self._cond:
+            self.failures[reason] += 1
             item.in_flight = False
             item.next_try = time.monotonic() + delay
             if reason == "conflict":

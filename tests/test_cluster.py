@@ -85,7 +85,7 @@ def test_sigkill_one_instance_behind_haproxy_loses_and_duplicates_nothing(cluste
     at_kill = sum(len(c.acked) for c in clients)
     wait_for(lambda: sum(len(c.acked) for c in clients) > at_kill + 2000, timeout=60,
              what="traffic to continue on the other sinks")
-    cluster("start-sink", str(cluster_dir), "2")
+    assert "sink-2: pid" in cluster("start-sink", str(cluster_dir), "2")  # started again, not "already runs"
     restarted = f"http://127.0.0.1:{env['SINK_2_PORT']}/metrics"
 
     def restarted_sink_takes_records() -> bool:  # HAProxy puts it back in rotation after 2 checks

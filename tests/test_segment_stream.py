@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from telemetry_sink import segment_format
+from telemetry_sink import segment_format, segment_stream
 from telemetry_sink.segment_format import FILE_HEADER_SIZE, SegmentFormatError, iter_batches
 from telemetry_sink.segment_stream import iter_stream_batches
 
@@ -55,3 +55,20 @@ def test_big_chunks_and_a_bad_header(image: bytes) -> None:
     # An object shorter than its listing (cut short in transit) ends in a torn tail, like a short file.
     short = image[: len(image) - 7]
     assert list(iter_stream_batches(iter([short]), len(image))) == list(iter_batches(short))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), max_size=4),
+       sizes=st.lists(st.integers(1, 700), min_size=1, max_size=3))
+def test_same_walk_when_every_consumed_byte_is_dropped_at_once(image: bytes, edits: list[tuple[int, int]],
+                                                               sizes: list[int]) -> None:
+    data = bytearray(image)
+    for pos, value in edits:
+        data[FILE_HEADER_SIZE + pos % (len(data) - FILE_HEADER_SIZE)] = value
+    whole = bytes(data)
+    saved = segment_stream._RELEASE_BYTES
+    segment_stream._RELEASE_BYTES = 1  # the window forgets everything behind it as soon as it may
+    try:
+        assert list(iter_stream_batches(chunked(whole, sizes), len(whole))) == list(iter_batches(whole))
+    finally:
+        segment_stream._RELEASE_BYTES = saved

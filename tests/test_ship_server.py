@@ -20,7 +20,8 @@ from s3_support import RO, RW, SeaweedS3
 
 from telemetry_sink import segment_format
 from telemetry_sink.objstore import Bucket, StoreSettings, object_key, parse_url
-from telemetry_sink.shipper import MARKER_DIR, first_created_ms
+from telemetry_sink.ship_state import MARKER_DIR
+from telemetry_sink.shipper import first_created_ms
 
 GRACEFUL_EXIT = (0, -signal.SIGTERM)  # uvicorn may re-raise the signal after a clean shutdown
 
@@ -88,6 +89,8 @@ def test_round_trip_from_two_instances(start_server: StartServer, s3_server: Sea
     assert verify.returncode == 0, verify.stdout.decode()
     assert b"1000 records, 0 damaged, every token authenticated" in verify.stdout
     assert read_s3(s3_server, "round", key_file, "--instance", "sink-a") == list(range(600))
+    for output in (a.log(), b.log()):
+        assert RW[1] not in output and RW[0] not in output  # credentials appear in no log line
 
 
 def test_store_down_when_segments_seal_then_back(start_server: StartServer, start_s3: Callable[[], SeaweedS3],
@@ -104,12 +107,19 @@ def test_store_down_when_segments_seal_then_back(start_server: StartServer, star
     waiting = metric(server, "ship_waiting_segments")
     assert waiting >= 3 and metric(server, "ship_waiting_bytes") > 10_000
     assert metric(server, "ship_oldest_unshipped_age_seconds") > 0
-    assert len(segment_format.list_segments(data)) >= waiting  # retention deleted nothing unshipped
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    failures = re.search(r'^telemetry_sink_ship_failures_total\{reason="unreachable"\} ([0-9.e+]+)$', text, re.M)
+    assert failures is not None and float(failures.group(1)) >= 1
+    assert len(segment_format.list_segments(data)) >= waiting
+    assert "retention: deleted" not in server.log()  # over budget, but nothing is shipped: nothing deleted
     assert "upload of w0-" in server.log() and "failed (unreachable)" in server.log()
     s3.start()
     wait_for(lambda: metric(server, "ship_waiting_segments") == 0, timeout=60, what="the backlog to drain")
     wait_for(lambda: not readiness(server), what="ready again")
     assert metric(server, "ship_oldest_unshipped_age_seconds") == 0
+    post_records(server, 500, 100)  # the next seal runs retention, which may now delete shipped segments
+    wait_for(lambda: "retention: deleted" in server.log(), what="retention of shipped segments")
+    acked += list(range(500, 600))
     assert server.stop() in GRACEFUL_EXIT
     assert read_s3(s3, "outage", key_file) == acked
 
@@ -206,6 +216,93 @@ def test_verify_names_the_damaged_object_and_batch(s3_server: SeaweedS3, tmp_pat
     assert len(damaged) == 1 and damaged[0].startswith("s3://telemetry/flipped/v1/")
     assert f"/inst/{first.name}: DAMAGED" in damaged[0]
     assert f"corrupt batch at offset {batch.offset} " in remote.stdout.decode()
+    (tmp_path / "k").write_bytes(key + b"\n")
+    read = run_cli("read", "--key-file", str(tmp_path / "k"), s3_server.url("flipped"), env=s3_server.env(RO))
+    assert f"/inst/{first.name}: damaged batch at offset {batch.offset} " in read.stderr.decode()
+    assert len(read.stdout.splitlines()) == 400 - batch.count
+    one = run_cli("verify", damaged[0].split(": DAMAGED")[0], env=s3_server.env(RO))  # one object named in full
+    assert one.returncode == 1 and one.stdout.decode().splitlines()[0] == damaged[0]
+    assert "1 segments," in one.stdout.decode()
     # The same report as for the local files, line for line, but for the names.
     strip = re.compile(r"^\S+/(w0-\d+\.tslog)", re.M)
     assert strip.sub(r"\1", remote.stdout.decode()) == strip.sub(r"\1", local.stdout.decode())
+
+
+def test_two_workers_ship_their_own_series_under_one_instance_id(start_server: StartServer, s3_server: SeaweedS3,
+                                                                  tmp_path: Path, key_file: Path) -> None:
+    data = tmp_path / "data"
+    overrides = ship_overrides(s3_server, "workers", data)
+    overrides["server"] = {"workers": 2}
+    server = start_server(overrides, env=s3_server.env(RW))
+    acked = []
+    for i in range(0, 800, 20):  # a new connection each, so both workers get some
+        body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * 40} for j in range(i, i + 20)])
+        if server.post(body, headers={"connection": "close"}).status_code == 202:
+            acked.extend(range(i, i + 20))
+    assert server.stop() in GRACEFUL_EXIT
+    assert read_s3(s3_server, "workers", key_file) == acked == list(range(800))
+    objects = bucket(s3_server, "workers").list()
+    instance = (data / "instance_id").read_text().strip()
+    assert {o.key.split("/")[4] for o in objects} == {instance}
+    assert {o.key.split("/")[5].split("-")[0] for o in objects} == {"w0", "w1"}
+
+
+def test_restart_after_a_crash_that_left_an_empty_segment(start_server: StartServer, s3_server: SeaweedS3,
+                                                          tmp_path: Path, key_file: Path) -> None:
+    # A crash between creating a segment (its header) and its first batch leaves a segment with no record;
+    # with shipping on no tail is re-opened, so the next segment needs that name.
+    data = tmp_path / "data"
+    write_log(data, key_file.read_bytes().strip(), 40)
+    [first] = segment_format.list_segments(data)
+    next_seq = segment_format.parse_segment_name(first)[1] + 40
+    empty = data / segment_format.segment_name("w0", next_seq)
+    empty.write_bytes(segment_format.FILE_HEADER_BYTES)
+    server = start_server(ship_overrides(s3_server, "empty", data), env=s3_server.env(RW))
+    acked = post_records(server, 40, 100)
+    assert acked == list(range(40, 140))
+    assert server.stop() in GRACEFUL_EXIT
+    assert "Traceback" not in server.log() and "failed" not in server.log()
+    assert read_s3(s3_server, "empty", key_file) == list(range(140))
+
+
+def test_store_down_fills_the_disk_then_507_until_it_is_back(start_server: StartServer,
+                                                             start_s3: Callable[[], SeaweedS3],
+                                                             tmp_path: Path, key_file: Path) -> None:
+    from test_durability import small_tmpfs
+
+    s3 = start_s3()
+    s3.stop()
+    with small_tmpfs(tmp_path / "disk", "384k") as disk:
+        overrides = ship_overrides(s3, "diskfull", disk / "data")
+        overrides["writer"]["retention_bytes"] = 16000  # with the store up, the disk would stay nearly empty
+        overrides["ingest"] = {"ack": "durable"}
+        server = start_server(overrides, env=s3.env(RW))
+        acked: list[int] = []
+        status = 202
+        for i in range(0, 100_000, 20):  # until the disk is full: retention may not delete unshipped segments
+            body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * 40} for j in range(i, i + 20)])
+            r = server.post(body)
+            status = r.status_code
+            if status == 202:
+                acked.extend(range(i, i + 20))
+            else:
+                break
+        assert status == 507 and r.json()["error"] == "insufficient_storage", r.text
+        assert "retention: deleted" not in server.log()
+        s3.start()  # shipping resumes, retention deletes what is confirmed, space returns
+        wait_for(lambda: "retention: deleted" in server.log(), timeout=60, what="retention after the uploads")
+        last = 100_000
+
+        def accepted_again() -> bool:
+            nonlocal last
+            body = orjson.dumps([{"node_id": "n1", "i": j, "pad": "x" * 40} for j in range(last, last + 20)])
+            ok = server.post(body).status_code == 202
+            if ok:
+                acked.extend(range(last, last + 20))
+            last += 20
+            return ok
+
+        wait_for(accepted_again, timeout=60, what="202 again")
+        assert server.stop() in GRACEFUL_EXIT
+        got = read_s3(s3, "diskfull", key_file)
+        assert set(acked) <= set(got) and len(got) == len(set(got))

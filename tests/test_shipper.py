@@ -12,6 +12,7 @@ from s3_support import RW, SeaweedS3
 
 from telemetry_sink import segment_format
 from telemetry_sink.objstore import Bucket, StoreSettings, object_key, parse_url
+from telemetry_sink.ship_state import MARKER_DIR
 from telemetry_sink.shipper import Shipper, ShipSettings, first_created_ms
 
 
@@ -111,3 +112,41 @@ def test_different_object_under_the_key_is_an_alarm_not_an_overwrite(
     assert shipper.failures["conflict"] >= 1
     assert b"".join(bucket.stream(key)) == b"not this segment"
     assert segment.exists() and not shipper.is_shipped(segment)
+
+
+def test_series_left_by_another_run_are_shipped_unless_a_writer_holds_them(
+        s3_server: SeaweedS3, tmp_path: Path, shippers: list[Shipper]) -> None:
+    import fcntl
+    import os
+
+    data = tmp_path / "data"
+    write_log(data, Fernet.generate_key(), 400)  # series w0 (3 segments), its writer gone
+    (data / MARKER_DIR).mkdir()
+    (data / MARKER_DIR / "w0-00000000000000000000.tslog.gone").write_text("{}")  # a segment deleted since
+    held = os.open(data / "w0.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running writer holds its series
+    try:
+        busy, _ = make(data, s3_server, "shipper-orphans-held", shippers)
+        busy.start("w1")
+        assert busy.status().waiting_segments == 0
+    finally:
+        os.close(held)
+    assert not (data / MARKER_DIR / "w0-00000000000000000000.tslog.gone").exists()
+    shipper, bucket = make(data, s3_server, "shipper-orphans", shippers)
+    shipper.start("w1")
+    wait_for(lambda: shipper.status().waiting_segments == 0 and shipper.uploaded, what="uploads")
+    assert [o.key for o in bucket.list()] == expected_keys(data)
+
+
+def test_a_torn_newest_segment_of_another_series_is_left_to_whoever_claims_it(
+        s3_server: SeaweedS3, tmp_path: Path, shippers: list[Shipper]) -> None:
+    data = tmp_path / "data"
+    write_log(data, Fernet.generate_key(), 400)
+    newest = segment_format.list_segments(data)[-1]
+    with open(newest, "ab") as f:
+        f.write(b"TSB1\x00\x00\x10\x00partial")  # a batch cut short by a crash
+    shipper, bucket = make(data, s3_server, "shipper-orphan-torn", shippers)
+    shipper.start("w1")
+    wait_for(lambda: shipper.status().waiting_segments == 0 and shipper.uploaded, what="uploads")
+    assert [o.key for o in bucket.list()] == expected_keys(data)[:-1]
+    assert not shipper.is_shipped(newest)
