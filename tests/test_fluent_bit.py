@@ -91,11 +91,11 @@ def run_fluent_bit(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[by
 
 
 def wait_records(server: ServerProcess, expect: int, timeout: float = 60.0) -> list[dict[str, Any]]:
-    def probe() -> list[dict[str, Any]] | None:
+    def probe() -> tuple[list[dict[str, Any]]] | None:  # a tuple: truthy even when no record is expected
         found = read_records(server.config_path)
-        return found if len(found) >= expect else None
+        return (found,) if len(found) >= expect else None
 
-    return wait_for(probe, timeout=timeout, what=f"{expect} records from Fluent Bit")
+    return wait_for(probe, timeout=timeout, what=f"{expect} records from Fluent Bit")[0]
 
 
 def output_done(metrics_port: int, samples: int) -> dict[str, int]:
