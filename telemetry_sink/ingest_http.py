@@ -13,6 +13,7 @@ import orjson
 
 from .auth import TokenTable
 from .errors import IngestError, shutting_down
+from .idempotency import Replayed, parse_key
 from .service import TelemetryService
 
 log = logging.getLogger("telemetry_sink.http")
@@ -31,6 +32,7 @@ MEDIA_TYPES = {
 ENCODINGS = (b"identity", b"gzip", b"x-gzip")
 _MEDIA_TYPE_DETAIL = "Content-Type must be application/json or application/x-ndjson"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_REPLAY_HEADERS = [*_JSON_HEADERS, (b"idempotent-replayed", b"true")]
 # Statuses after which the rest of the request body may still be in flight: close the
 # connection rather than keep reading (or trusting) it.
 _CLOSE_AFTER = frozenset((401, 408, 413))
@@ -103,15 +105,20 @@ class IngestHandler:
             service.count_response(500, "internal_error")
             await _reply(send, 500, b'{"error":"internal_error","detail":"see the server log"}', _JSON_HEADERS)
         else:
-            service.stats.records_accepted += accepted
+            headers = _JSON_HEADERS
+            if isinstance(accepted, Replayed):
+                headers = _REPLAY_HEADERS  # the first answer again; nothing was stored this time
+            else:
+                service.stats.records_accepted += accepted
             service.count_response(202)
-            await _reply(send, 202, b'{"accepted":%d}' % accepted, _JSON_HEADERS)
+            await _reply(send, 202, b'{"accepted":%d}' % accepted, headers)
 
     async def _handle(self, scope: Scope, receive: Receive) -> int:
         fmt: str | None = None
         length: int | None = None
         encoding = b"identity"
         authorization: bytes | None = None
+        idempotency_key: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 fmt = MEDIA_TYPES.get(value.split(b";", 1)[0].strip().lower())
@@ -126,6 +133,8 @@ class IngestHandler:
                 encoding = value.strip().lower()
             elif name == b"authorization":
                 authorization = value
+            elif name == b"idempotency-key":
+                idempotency_key = value
         principal = None
         if self.tokens is not None:
             principal = self.tokens.authenticate(authorization)
@@ -136,6 +145,7 @@ class IngestHandler:
         if encoding not in ENCODINGS:
             raise _error(415, "unsupported_media_type",
                          f"Content-Encoding {encoding.decode('latin-1')!r} is not supported (use gzip or none)")
+        key = parse_key(idempotency_key) if idempotency_key is not None else None
         if self.service.closing:  # before reading a body that would be refused anyway
             raise shutting_down()
         limit = self.max_body_bytes
@@ -146,7 +156,7 @@ class IngestHandler:
         self.service.stats.bytes_received += len(wire)
         body = wire if encoding == b"identity" else gunzip_bounded(wire, limit)
         client = scope.get("client")
-        return await self.service.ingest(body, fmt, len(wire), principal, client[0] if client else None)
+        return await self.service.ingest(body, fmt, len(wire), principal, client[0] if client else None, key)
 
 
 class _Disconnected(Exception):
