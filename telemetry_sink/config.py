@@ -234,6 +234,13 @@ class ShipConfig:
                                  "have failed for this long")
 
 
+@section
+class OtlpConfig:
+    node_id_attribute: str = key(_text, "service.instance.id", "POST /v1/logs: the resource attribute whose value "
+                                 "becomes each log record's `node_id` (`host.name` when it is absent; see "
+                                 "docs/otlp.md)")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration; relative paths are already resolved. Each field but `source` is a section."""
@@ -246,6 +253,7 @@ class Config:
     crypto: CryptoConfig
     auth: AuthConfig
     ship: ShipConfig
+    otlp: OtlpConfig
     source: Path | None
 
     def as_dict(self) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from .crypto import CryptoService
 from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
 from .idempotency import IdempotencyTable, body_digest, key_digest, recent_keys
 from .metrics import Snapshot, WriterMetrics
+from .otlp import FORMATS as OTLP_FORMATS
+from .otlp import log_records
 from .rate_limiter import RateLimited, RateLimiter
 from .records import check_permissions, encode_records, parse_body
 from .segment_format import KeyEntry, list_segments
@@ -54,6 +56,7 @@ class TelemetryService:
         durable: bool = False,
         high_water_percent: int = 90,
         idempotency: IdempotencyTable | None = None,
+        otlp_node_attribute: str = "service.instance.id",
     ) -> None:
         self.rate_limiter = rate_limiter
         self.buffer = buffer
@@ -61,6 +64,7 @@ class TelemetryService:
         self.durable = durable
         self.high_water_percent = high_water_percent
         self.idempotency = idempotency  # None: Idempotency-Key headers are ignored
+        self.otlp_node_attribute = otlp_node_attribute
         self.closing = False
         self.writer_failure: str | None = None  # why the writer stopped for good, if it did
         self.stats = IngestStats()
@@ -126,7 +130,7 @@ class TelemetryService:
     async def _store(self, body: bytes, fmt: str, received_at: float, principal: Principal | None,
                      key: tuple[bytes, bytes] | None = None) -> int:
         """Parse, check and buffer the records (with their key, for the log); wait for a durable ack."""
-        values = parse_body(body, fmt)
+        values = log_records(body, fmt, self.otlp_node_attribute) if fmt in OTLP_FORMATS else parse_body(body, fmt)
         plaintexts, nbytes = encode_records(values, received_at)
         if principal is not None:
             check_permissions(values, principal)
@@ -170,6 +174,7 @@ class TelemetryService:
             durable=durable,
             high_water_percent=config.buffer.high_water_percent,
             idempotency=IdempotencyTable(window, config.ingest.idempotency_max_keys) if window > 0 else None,
+            otlp_node_attribute=config.otlp.node_id_attribute,
         )
 
     def recover_keys(self) -> int:
