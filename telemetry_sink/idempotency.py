@@ -28,32 +28,44 @@ log = logging.getLogger("telemetry_sink.idempotency")
 MAX_KEY_BYTES = 255
 IN_FLIGHT_RETRY_S = 1.0
 _HEAD = segment_format.BATCH_HEADER_SIZE + segment_format.BODY_HEADER_SIZE
+_sha256 = hashlib.sha256
 
 
 class Replayed(int):
     """The `accepted` of the earlier answer to the same request: this one stored nothing."""
 
 
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
 def parse_key(value: bytes) -> bytes:
     """The key of an `Idempotency-Key` header: an sf-string (`"..."`) or, leniently, the bare value;
     1 to 255 printable ASCII characters (400 otherwise)."""
-    key = value.strip()
-    if len(key) >= 2 and key[:1] == b'"' and key[-1:] == b'"':
+    key = value.strip(b" \t")
+    if len(key) >= 2 and key[0] == 0x22 and key[-1] == 0x22:
         key = key[1:-1]
-    if not 0 < len(key) <= MAX_KEY_BYTES or not all(0x20 <= c < 0x7F for c in key):
-        raise IngestError(400, "invalid_request", f"Idempotency-Key must be 1 to {MAX_KEY_BYTES} printable ASCII "
+    if 0 < len(key) <= MAX_KEY_BYTES and not key.translate(None, _PRINTABLE):
+        return key
+    raise IngestError(400, "invalid_request", f"Idempotency-Key must be 1 to {MAX_KEY_BYTES} printable ASCII "
                           'characters, e.g. a quoted UUID: Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"')
-    return key
 
 
 def key_digest(scope: str, key: bytes) -> bytes:
     """What the table and the log hold for a key: sha256(scope NUL key)."""
-    return hashlib.sha256(scope.encode("utf-8", "surrogateescape") + b"\0" + key).digest()
+    return _sha256(b"%s\0%s" % (scope.encode("utf-8", "surrogateescape"), key)).digest()
 
 
 def body_digest(fmt: str, body: bytes) -> bytes:
     """The request's fingerprint: sha256(format NUL decoded body)."""
-    return hashlib.sha256(fmt.encode("ascii") + b"\0" + body).digest()
+    prefix = _FORMAT_PREFIXES.get(fmt)
+    if prefix is None:
+        prefix = _FORMAT_PREFIXES[fmt] = _sha256(fmt.encode("ascii") + b"\0")
+    digest = prefix.copy()
+    digest.update(body)
+    return digest.digest()
+
+
+_FORMAT_PREFIXES: dict[str, hashlib._Hash] = {}  # the hash of "format NUL", copied per request
 
 
 @dataclass(slots=True)
@@ -73,7 +85,8 @@ class IdempotencyTable:
         self.max_keys = max_keys
         self._clock = clock
         self._wall_clock = wall_clock
-        # Insertion order: answered slots are moved to the end, so the front expires first.
+        # Claim order, which is about answer order: the front expires first. (An older request still in
+        # flight at the front holds back the expiry behind it until it is answered; max_keys still bounds.)
         self._slots: OrderedDict[bytes, _Slot] = OrderedDict()
         self.replays = 0
         self.evicted = 0
@@ -106,7 +119,6 @@ class IdempotencyTable:
         if slot is not None:
             slot.accepted = accepted
             slot.expires = self._clock() + self.window_s
-            self._slots.move_to_end(key)
 
     def abandon(self, key: bytes) -> None:
         """The request claimed with `key` stored nothing: forget the key, so a retry is new."""
@@ -133,8 +145,8 @@ class IdempotencyTable:
     def _expire(self, now: float) -> None:
         slots = self._slots
         while slots:
-            key, slot = next(iter(slots.items()))
-            if slot.expires > now:
+            key = next(iter(slots))
+            if slots[key].expires > now:
                 return
             del slots[key]
 
