@@ -3,7 +3,8 @@
 on every request (lua/post_keyed.lua for both, so wrk does the same work), alternating plain, keyed,
 plain, keyed, ... in the same run.
 
-    .venv/bin/python benchmarks/idempotency_overhead.py [--payload single array100] [--seconds 5] [--rounds 3]
+    .venv/bin/python benchmarks/idempotency_overhead.py [--payload single array100] [--ack buffered|durable]
+        [--seconds 5] [--rounds 3] [--connections 32] [--array-connections 4]
 
 Prints, per payload, the server's CPU microseconds per accepted request in each mode (median of the
 rounds: CPU per request, not req/s, so that other load on the machine matters less) and keyed/plain,
@@ -63,6 +64,8 @@ def recovery(config: Path, workdir: Path) -> tuple[int, float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--payload", nargs="+", default=["single", "array100"])
+    parser.add_argument("--ack", choices=("buffered", "durable"), default="buffered",
+                        help="durable: each request waits for its batch, so arrays do not overrun the writer")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32, help="for single-record bodies")
@@ -74,7 +77,7 @@ def main() -> int:
             body = harness.payload(name)
             workdir = Path(tmp) / name
             connections = args.connections if body.records_per_request == 1 else args.array_connections
-            server = harness.start_product(workdir, name=name)
+            server = harness.start_product(workdir, name=name, extra={"ingest": {"ack": args.ack}})
             costs: dict[bool, list[float]] = {False: [], True: []}
             accepted = runs = refused = 0
             try:
@@ -94,7 +97,7 @@ def main() -> int:
             plain, keyed_us = statistics.median(costs[False]), statistics.median(costs[True])
             print(f"{name}: server CPU per accepted request: plain {plain:.1f} us, keyed {keyed_us:.1f} us, "
                   f"keyed/plain = {keyed_us / plain:.3f} (median of {args.rounds} rounds of {args.seconds:g} s, "
-                  f"{connections} connections; {refused} buffer-full 503s)", flush=True)
+                  f"{connections} connections, ack {args.ack}; {refused} buffer-full 503s)", flush=True)
             keys, scan_s, ready_s = recovery(server.config_path, workdir)
             print(f"{name}: log holds {logged:,} records; restart recovered {keys:,} keys in {scan_s:.2f} s "
                   f"(ready after {ready_s:.2f} s)", flush=True)
