@@ -4,7 +4,7 @@ on every request (lua/post_keyed.lua for both, so wrk does the same work), alter
 plain, keyed, ... in the same run.
 
     .venv/bin/python benchmarks/idempotency_overhead.py [--payload single array100] [--ack buffered|durable]
-        [--seconds 5] [--rounds 3] [--connections 32] [--array-connections 4]
+        [--seconds 5] [--rounds 3] [--connections 32] [--array-connections 4] [--array-rate-bytes 8388608]
 
 Prints, per payload, the server's CPU microseconds per accepted request in each mode (median of the
 rounds: CPU per request, not req/s, so that other load on the machine matters less) and keyed/plain,
@@ -69,15 +69,23 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32, help="for single-record bodies")
-    parser.add_argument("--array-connections", type=int, default=4,
-                        help="for array bodies (more only fill the buffer: the writer is the limit)")
+    parser.add_argument("--array-connections", type=int, default=4, help="for array bodies")
+    parser.add_argument("--array-rate-bytes", type=int, default=8 << 20,
+                        help="pace array bodies to this many bytes/s (0: unpaced; then the writer is the limit "
+                             "and buffer-full 503s blur the figure)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp:
         for name in args.payload:
             body = harness.payload(name)
             workdir = Path(tmp) / name
             connections = args.connections if body.records_per_request == 1 else args.array_connections
-            server = harness.start_product(workdir, name=name, extra={"ingest": {"ack": args.ack}})
+            extra: harness.ConfigValues = {"ingest": {"ack": args.ack}}
+            if body.records_per_request > 1 and args.array_rate_bytes:
+                # Arrays outrun the writer: pace them with the server's own delay-mode limiter, below what it
+                # writes, so both modes are measured at the same offered load instead of among buffer-full 503s.
+                extra["rate_limit"] = {"bytes_per_second": args.array_rate_bytes, "burst_bytes": 1 << 20,
+                                       "mode": "delay", "max_delay_ms": 10_000}
+            server = harness.start_product(workdir, name=name, extra=extra)
             costs: dict[bool, list[float]] = {False: [], True: []}
             accepted = runs = refused = 0
             try:
@@ -95,9 +103,10 @@ def main() -> int:
             assert server.data_dir is not None and server.key_file is not None and server.config_path is not None
             logged, _ = harness.count_logged(server.data_dir, server.key_file, decrypt_every=1000)
             plain, keyed_us = statistics.median(costs[False]), statistics.median(costs[True])
+            paced = f", paced to {args.array_rate_bytes:,} B/s" if "rate_limit" in extra else ""
             print(f"{name}: server CPU per accepted request: plain {plain:.1f} us, keyed {keyed_us:.1f} us, "
                   f"keyed/plain = {keyed_us / plain:.3f} (median of {args.rounds} rounds of {args.seconds:g} s, "
-                  f"{connections} connections, ack {args.ack}; {refused} buffer-full 503s)", flush=True)
+                  f"{connections} connections, ack {args.ack}{paced}; {refused} buffer-full 503s)", flush=True)
             keys, scan_s, ready_s = recovery(server.config_path, workdir)
             print(f"{name}: log holds {logged:,} records; restart recovered {keys:,} keys in {scan_s:.2f} s "
                   f"(ready after {ready_s:.2f} s)", flush=True)

@@ -238,12 +238,15 @@ class SegmentWriter:
         seq = self.next_seq
         if seq + sum(map(len, batches)) - 1 > MAX_SEQ:
             raise SequenceExhausted(f"series {self.series} has used every sequence number up to {MAX_SEQ}")
-        frames = []
+        frames: list[bytes | memoryview] = []
         for i, records in enumerate(batches):
             frame = self._framer.frame(seq, created_ms, records)
-            frames.append(segment_format.with_keys(frame, keys[i]) if keys and keys[i] else frame)
+            if keys and keys[i]:
+                frames.extend(segment_format.keyed_parts(frame, keys[i]))
+            else:
+                frames.append(frame)
             seq += len(records)
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        data = bytes(frames[0]) if len(frames) == 1 else b"".join(frames)  # bytes(bytes) is no copy
         if self._fd is not None and self._too_old(now):
             self._seal()
         if self._fd is None:

@@ -250,6 +250,16 @@ def test_shift_agrees_with_the_slow_polynomial_product(n: int) -> None:
         assert crc_range.combine(zlib.crc32(b"abc"), zlib.crc32(bytes(n)), n) == zlib.crc32(b"abc" + bytes(n))
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 257], ids=lambda n: f"{n}-records")
+def test_keys_added_to_a_framed_batch_equal_framing_with_them(n: int) -> None:
+    """keyed_parts derives the new CRC without hashing the records again: it must equal a fresh CRC."""
+    tokens = [b"t%d-" % i * (1 + i % 13) for i in range(n)]
+    plain = frame_batch(7, 1_700_000_000_000, tokens)
+    assert segment_format.with_keys(plain, _KEYS) == frame_batch(7, 1_700_000_000_000, tokens, _KEYS)
+    (batch,) = iter_batches(image(segment_format.with_keys(plain, _KEYS[:1])))
+    assert isinstance(batch, Batch) and batch.tokens == tokens and batch.keys == tuple(_KEYS[:1])
+
+
 def tiny_token_segment(path: Path, size: int) -> Path:
     """One valid batch of zero-length tokens filling `size` bytes: millions of records that do not
     authenticate (verify --key-file on 19 MiB of this peaked at 730 MiB)."""
