@@ -16,7 +16,6 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import segment_format
@@ -68,11 +67,11 @@ def body_digest(fmt: str, body: bytes) -> bytes:
 _FORMAT_PREFIXES: dict[str, hashlib._Hash] = {}  # the hash of "format NUL", copied per request
 
 
-@dataclass(slots=True)
-class _Slot:
-    body: bytes
-    accepted: int | None  # None while the first request is in flight
-    expires: float  # monotonic; infinite while in flight
+# A slot: (body digest, the answer's `accepted` or IN_FLIGHT, monotonic expiry or infinity while in flight).
+# A plain tuple of atomic values, so the cyclic garbage collector does not have to track 100,000 of them.
+_Slot = tuple[bytes, int, float]
+IN_FLIGHT = -1
+_NEVER = float("inf")
 
 
 class IdempotencyTable:
@@ -100,30 +99,29 @@ class IdempotencyTable:
         self._expire(self._clock())
         slot = self._slots.get(key)
         if slot is not None:
-            if slot.body != body:
+            if slot[0] != body:
                 raise IngestError(422, "idempotency_key_reused", "this Idempotency-Key was used for a request "
                                   "with a different body; send a new request with a new key")
-            if slot.accepted is None:
+            if slot[1] == IN_FLIGHT:
                 raise IngestError(409, "request_in_progress", "a request with this Idempotency-Key is still being "
                                   "processed; retry it later", retry_after_s=IN_FLIGHT_RETRY_S)
             self.replays += 1
-            return Replayed(slot.accepted)
+            return Replayed(slot[1])
         if len(self._slots) >= self.max_keys:
             self._evict()
-        self._slots[key] = _Slot(body, None, float("inf"))
+        self._slots[key] = (body, IN_FLIGHT, _NEVER)
         return None
 
     def finish(self, key: bytes, accepted: int) -> None:
         """The request claimed with `key` got 202 with `accepted`: remember the answer."""
         slot = self._slots.get(key)
         if slot is not None:
-            slot.accepted = accepted
-            slot.expires = self._clock() + self.window_s
+            self._slots[key] = (slot[0], accepted, self._clock() + self.window_s)  # keeps its place in the order
 
     def abandon(self, key: bytes) -> None:
         """The request claimed with `key` stored nothing: forget the key, so a retry is new."""
         slot = self._slots.get(key)
-        if slot is not None and slot.accepted is None:
+        if slot is not None and slot[1] == IN_FLIGHT:
             del self._slots[key]
 
     def load(self, entries: Iterable[tuple[int, KeyEntry]]) -> int:
@@ -137,7 +135,7 @@ class IdempotencyTable:
                 continue
             if len(self._slots) >= self.max_keys:
                 self._evict()
-            self._slots[entry.key] = _Slot(entry.body, entry.accepted, expires)
+            self._slots[entry.key] = (entry.body, entry.accepted, expires)
             self._slots.move_to_end(entry.key)
             loaded += 1
         return loaded
@@ -146,13 +144,13 @@ class IdempotencyTable:
         slots = self._slots
         while slots:
             key = next(iter(slots))
-            if slots[key].expires > now:
+            if slots[key][2] > now:
                 return
             del slots[key]
 
     def _evict(self) -> None:
         for key, slot in self._slots.items():
-            if slot.accepted is not None:
+            if slot[1] != IN_FLIGHT:
                 del self._slots[key]
                 self.evicted += 1
                 return
