@@ -144,9 +144,9 @@ def test_rotation_keeps_the_keyed_flag_and_key_sections(tmp_path: Path) -> None:
     assert report.tokens_rotated == 2  # the first batch re-framed in one call, the second token by token
     with segment_format.SegmentImage(path) as image:
         assert image.flags == segment_format.FLAG_KEYED
-        batches = list(image.batches())
-    assert [b.keys for b in batches if isinstance(b, segment_format.Batch)] == [keys, other]
-    assert [Fernet(new).decrypt(b.tokens[0]) for b in batches if isinstance(b, segment_format.Batch)] == [b"r", b"s"]
+        batches = [b for b in image.batches() if isinstance(b, segment_format.Batch)]
+        assert [b.keys for b in batches] == [keys, other]
+        assert [Fernet(new).decrypt(b.tokens[0]) for b in batches] == [b"r", b"s"]
 
 
 def test_a_foreign_name_in_the_directory_does_not_stop_rotation(tmp_path: Path) -> None:
