@@ -168,6 +168,9 @@ def _from_json(body: bytes) -> list[Row]:
     return rows
 
 
+_NON_FINITE = ("NaN", "Infinity", "-Infinity")
+
+
 def _obj(value: Any, where: str) -> dict[str, Any]:
     if type(value) is not dict:
         raise _invalid(where, "must be a JSON object")
@@ -222,6 +225,8 @@ def _json_value(value: Any, where: str) -> Any:
         double = value["doubleValue"]
         if type(double) in (int, float):
             return float(double)
+        if double in _NON_FINITE:  # protobuf's JSON spelling; JSON has no such numbers: stored as null
+            return None
         raise _invalid(where, "doubleValue must be a number")
     if "arrayValue" in value:
         return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(_list(_obj(value["arrayValue"], where),

@@ -130,6 +130,9 @@ def test_a_record_without_the_node_attribute_refuses_the_whole_request_naming_it
     assert stored(sink, "named") == []  # all or nothing
 
 
+_HOST_H = b'{"resourceLogs": [{"resource": {"attributes": [{"key": "host.name", "value": {"stringValue": "h"}}]}, '
+
+
 @pytest.mark.parametrize(("data", "content_type", "status", "error"), [
     pytest.param(b"\xff\xff\xff", PROTO, 400, "invalid_otlp", id="not-protobuf"),
     pytest.param(b"{", "application/json", 400, "invalid_json", id="not-json"),
@@ -137,6 +140,12 @@ def test_a_record_without_the_node_attribute_refuses_the_whole_request_naming_it
     pytest.param(b'{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"timeUnixNano": "soon"}]}]}]}',
                  "application/json", 400, "invalid_otlp", id="json-time"),
     pytest.param(b"{}", "application/json", 422, "invalid_record", id="no-records"),
+    pytest.param(b'{"resourceLogs": [{"resource": {"attributes": [{"key": 1}]}}]}', "application/json", 400,
+                 "invalid_otlp", id="attribute-key-type"),
+    pytest.param(_HOST_H + b'"scopeLogs": [{"logRecords": [{"body": {"intValue": "' + b"9" * 40 + b'"}}]}]}]}',
+                 "application/json", 422, "invalid_record", id="int-beyond-64-bits"),
+    pytest.param(_HOST_H + b'"scopeLogs": [{"logRecords": [{"body": ' + b'{"arrayValue": {"values": [' * 300 + b"{}" +
+                 b"]}}" * 300 + b"}]}]}]}", "application/json", 422, "invalid_record", id="nested-too-deep"),
     pytest.param(b"x", "application/x-ndjson", 415, "unsupported_media_type", id="media-type"),
 ])
 def test_malformed_requests_get_a_clear_4xx(sink: ServerProcess, data: bytes, content_type: str, status: int,
