@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import ServerProcess, shared_server
+from conftest import ServerProcess, shared_server, wait_for
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -51,8 +51,15 @@ def post(server: ServerProcess, data: bytes, content_type: str = PROTO, **header
                       timeout=10.0)
 
 
-def stored(server: ServerProcess, node: str) -> list[dict[str, Any]]:
-    return cli_read(server.config_path, "--node", node)
+def stored(server: ServerProcess, node: str, expect: int = 0) -> list[dict[str, Any]]:
+    """The records of `node` in the shared server's log, once at least `expect` are written (buffered acks)."""
+
+    def enough() -> list[dict[str, Any]] | None:
+        found = cli_read(server.config_path, "--node", node)
+        return found if len(found) >= expect else None
+
+    return wait_for(enough, what=f"{expect} records of {node}") if expect else cli_read(server.config_path, "--node",
+                                                                                         node)
 
 
 def test_protobuf_records_are_stored_one_each_with_the_documented_mapping(sink: ServerProcess) -> None:
@@ -69,7 +76,7 @@ def test_protobuf_records_are_stored_one_each_with_the_documented_mapping(sink: 
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == PROTO
     assert ExportLogsServiceResponse.FromString(response.content) == ExportLogsServiceResponse()  # no partial success
-    first, second = stored(sink, "proto-1")
+    first, second = stored(sink, "proto-1", 2)
     assert first == {
         "node_id": "proto-1", "ts": T0 / 1e9, "severity_number": 9, "severity": "INFO",
         "body": {"n": -7, "list": [1.5, True, "AP8="]}, "attributes": {"http.method": "GET"},
@@ -95,7 +102,7 @@ def test_json_encoding_maps_the_same_way(sink: ServerProcess) -> None:
     response = post(sink, orjson.dumps(doc), "application/json")
     assert response.status_code == 200 and response.json() == {}
     assert response.headers["content-type"] == "application/json"
-    first, second = stored(sink, "json-host")  # host.name: no service.instance.id here
+    first, second = stored(sink, "json-host", 2)  # host.name: no service.instance.id here
     assert first == {
         "node_id": "json-host", "ts": T0 / 1e9, "severity_number": 17, "severity": "ERROR", "body": "disk on fire",
         "attributes": {"count": 3, "ratio": 0.5}, "trace_id": bytes(range(16)).hex(),
@@ -116,7 +123,7 @@ def test_gzip_bodies_are_accepted(sink: ServerProcess, content_type: str) -> Non
             "scopeLogs": [{"logRecords": [{"body": {"stringValue": "z"}}]}]}]})
     response = post(sink, gzip.compress(data), content_type, **{"content-encoding": "gzip"})
     assert response.status_code == 200, response.text
-    assert [r["body"] for r in stored(sink, node)] == ["z"]
+    assert [r["body"] for r in stored(sink, node, 1)] == ["z"]
 
 
 def test_a_record_without_the_node_attribute_refuses_the_whole_request_naming_its_index(sink: ServerProcess) -> None:
@@ -221,3 +228,12 @@ def test_without_the_otlp_extra_protobuf_gets_one_line_saying_what_to_install(st
     doc = {"resourceLogs": [{"resource": {"attributes": [{"key": "host.name", "value": {"stringValue": "n"}}]},
                              "scopeLogs": [{"logRecords": [{"body": {"stringValue": "json still works"}}]}]}]}
     assert post(server, orjson.dumps(doc), "application/json").status_code == 200
+
+
+def test_an_idempotency_key_makes_a_repeated_export_a_replay(sink: ServerProcess) -> None:
+    data = proto_request(({"service.instance.id": "otlp-keyed"}, [LogRecord(body=AnyValue(string_value="once"))]))
+    first = post(sink, data, **{"idempotency-key": '"export-1"'})
+    again = post(sink, data, **{"idempotency-key": '"export-1"'})
+    assert first.status_code == again.status_code == 200 and again.content == first.content == b""
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert [r["body"] for r in stored(sink, "otlp-keyed", 1)] == ["once"]
