@@ -1,5 +1,5 @@
 """Idempotency-Key (the IETF httpapi draft's semantics): the bounded table of recent keys, each in
-flight or answered, and its recovery at start-up from the key sections of keyed batches in the log.
+flight or answered (filled at start-up from the log by segment_keys.recent_keys).
 
 A key is scoped by its principal (the token's hash, or the client address when auth is off) and
 kept only as a SHA-256 digest, with the digest of the body it came with; a repeat with the same
@@ -13,12 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
-from . import segment_format
 from .errors import IngestError
 from .segment_format import KeyEntry
 
@@ -26,7 +23,6 @@ log = logging.getLogger("telemetry_sink.idempotency")
 
 MAX_KEY_BYTES = 255
 IN_FLIGHT_RETRY_S = 1.0
-_HEAD = segment_format.BATCH_HEADER_SIZE + segment_format.BODY_HEADER_SIZE
 _sha256 = hashlib.sha256
 
 
@@ -156,66 +152,3 @@ class IdempotencyTable:
                 return
         raise IngestError(503, "too_many_in_flight", f"{self.max_keys} requests with an Idempotency-Key are in "
                           "flight; retry later", retry_after_s=IN_FLIGHT_RETRY_S)
-
-
-# -- recovery from the log --
-
-
-def recent_keys(directory: Path, since_ms: int, limit: int) -> list[tuple[int, KeyEntry]]:
-    """The key entries of intact keyed batches framed at or after `since_ms`, in every series of
-    `directory`, oldest first; at most the newest `limit`. Reads segments newest first and stops
-    once it has `limit`, and skips a segment last modified before `since_ms` without opening it."""
-    found: list[list[tuple[int, KeyEntry]]] = []
-    total = 0
-    candidates = []
-    for path in segment_format.list_segments(directory):
-        try:
-            mtime_ms = path.stat().st_mtime * 1000
-        except FileNotFoundError:  # deleted by retention meanwhile
-            continue
-        if mtime_ms >= since_ms:
-            candidates.append((mtime_ms, path))
-    for _, path in sorted(candidates, reverse=True):
-        try:
-            entries = _segment_keys(path, since_ms)
-        except (OSError, segment_format.SegmentFormatError) as exc:
-            log.warning("idempotency keys: skipped segment %s (%s)", path.name, exc)
-            continue
-        found.append(entries)
-        total += len(entries)
-        if total >= limit:
-            break
-    merged = sorted((item for entries in found for item in entries), key=lambda item: item[0])
-    return merged[-limit:] if limit else []
-
-
-def _segment_keys(path: Path, since_ms: int) -> list[tuple[int, KeyEntry]]:
-    """Hop from batch header to batch header; only keyed batches recent enough are CRC-checked
-    and their key sections read. Past damage, the resynchronising reader takes over."""
-    out: list[tuple[int, KeyEntry]] = []
-    with segment_format.SegmentImage(path) as image:
-        if not image.flags & segment_format.FLAG_KEYED:
-            return out
-        offset, size = segment_format.FILE_HEADER_SIZE, image.size
-        while offset + _HEAD <= size:
-            head = image.raw(offset, offset + _HEAD)
-            magic, length, crc = segment_format.BATCH_HEADER.unpack_from(head)
-            end = offset + segment_format.BATCH_HEADER_SIZE + length
-            if magic != segment_format.BATCH_MAGIC or length < segment_format.BODY_HEADER_SIZE or end > size:
-                break
-            _, count, created_ms = segment_format.BODY_HEADER.unpack_from(head, segment_format.BATCH_HEADER_SIZE)
-            if count & segment_format.KEYED_COUNT_BIT and created_ms >= since_ms:
-                body = image.raw(offset + segment_format.BATCH_HEADER_SIZE, end)
-                section = segment_format.read_key_section(body, length) if zlib.crc32(body) == crc else "CRC"
-                if isinstance(section, str):
-                    break
-                out.extend((created_ms, entry) for entry in section[1])
-            offset = end
-        else:
-            return out
-        if offset < size:  # damage: let the full reader resynchronise from here
-            for item in image.batches(offset):
-                if isinstance(item, segment_format.Batch) and item.created_ms >= since_ms:
-                    out.extend((item.created_ms, entry) for entry in item.keys)
-    return out
-

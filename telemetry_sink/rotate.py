@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from . import segment_format
+from . import segment_format, segment_keys
 from ._protocols import BatchFramerProtocol
 from .crypto import CryptoService, InvalidToken
 from .progress import Progress
@@ -70,7 +70,7 @@ def _rotated_batch(batch: segment_format.Batch, plaintexts: list[bytes], keys: l
         # What the writer leaves: every token stamped with the batch's time, so the framer can
         # re-encrypt the whole batch in one call (fresh IVs for all; the content is the same).
         frame = framer.frame(batch.first_seq, batch.created_ms, plaintexts)
-        return segment_format.with_keys(frame, batch.keys) if batch.keys else frame
+        return segment_keys.with_keys(frame, batch.keys) if batch.keys else frame
     tokens = [token if key == 0 else crypto.rotate(token) for token, key in zip(batch.tokens, keys, strict=True)]
     return segment_format.frame_batch(batch.first_seq, batch.created_ms, tokens, batch.keys)
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from . import crc_range
 from .crc_range import RangeCrc
 
 FILE_MAGIC = b"TSINKLOG"
@@ -78,38 +77,13 @@ def frame_batch(first_seq: int, created_ms: int, tokens: Sequence[bytes], keys: 
         parts.append(pack_len(len(token)))
         parts.append(token)
     if keys:
-        parts.append(_key_section(keys))
+        parts.append(key_section(keys))
     body = b"".join(parts)
     return BATCH_HEADER.pack(BATCH_MAGIC, len(body), zlib.crc32(body)) + body
 
 
-def with_keys(frame: bytes, keys: Sequence[KeyEntry]) -> bytes:
-    """`frame` (one unkeyed batch, as a framer returns it) with `keys` appended as its key section."""
-    return b"".join(keyed_parts(frame, keys))
-
-
-def keyed_parts(frame: bytes, keys: Sequence[KeyEntry]) -> tuple[bytes, memoryview, bytes]:
-    """`with_keys` in three pieces to be joined by the caller (new headers, the records as a view of
-    `frame`, the key section), without hashing the records again: setting bit 31 of the count changes
-    the body's CRC by a constant carried past the records (CRC-32 is linear), and the key section is
-    then added to the running CRC."""
-    (_, length, crc) = BATCH_HEADER.unpack_from(frame)
-    head = bytearray(frame[: BATCH_HEADER_SIZE + BODY_HEADER_SIZE])
-    count_at = BATCH_HEADER_SIZE + 8
-    (count,) = TOKEN_LEN.unpack_from(head, count_at)
-    TOKEN_LEN.pack_into(head, count_at, count | KEYED_COUNT_BIT)
-    section = _key_section(keys)
-    crc = zlib.crc32(section, crc ^ crc_range.shift(_COUNT_BIT_CRC, length - BODY_HEADER_SIZE))
-    BATCH_HEADER.pack_into(head, 0, BATCH_MAGIC, length + len(section), crc)
-    return bytes(head), memoryview(frame)[BATCH_HEADER_SIZE + BODY_HEADER_SIZE :], section
-
-
-# crc32(D) ^ crc32(20 zero bytes), D = the body header with only the count's bit 31 set: what setting that
-# bit adds to the CRC of the header alone (for equal lengths, crc(a ^ b) = crc(a) ^ crc(b) ^ crc(zeros)).
-_COUNT_BIT_CRC = zlib.crc32(bytes(8) + KEYED_COUNT_BIT.to_bytes(4, "big") + bytes(8)) ^ zlib.crc32(bytes(20))
-
-
-def _key_section(keys: Sequence[KeyEntry]) -> bytes:
+def key_section(keys: Sequence[KeyEntry]) -> bytes:
+    """The key section of a keyed batch body: the entries, then their number."""
     pack = KEY_ENTRY.pack
     return b"".join([pack(*k) for k in keys]) + KEY_SECTION_COUNT.pack(len(keys))
 

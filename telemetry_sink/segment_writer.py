@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import segment_format
+from . import segment_format, segment_keys
 from .buffer import BufferManager
 from .config import FSYNC_POLICIES
 from .crypto import CryptoService
@@ -242,7 +242,7 @@ class SegmentWriter:
         for i, records in enumerate(batches):
             frame = self._framer.frame(seq, created_ms, records)
             if keys and keys[i]:
-                frames.extend(segment_format.keyed_parts(frame, keys[i]))
+                frames.extend(segment_keys.keyed_parts(frame, keys[i]))
             else:
                 frames.append(frame)
             seq += len(records)

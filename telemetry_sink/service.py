@@ -17,13 +17,14 @@ from .buffer import BufferClosed, BufferFull, BufferManager
 from .config import Config
 from .crypto import CryptoService
 from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
-from .idempotency import IdempotencyTable, body_digest, key_digest, recent_keys
+from .idempotency import IdempotencyTable, body_digest, key_digest
 from .metrics import Snapshot, WriterMetrics
 from .otlp import FORMATS as OTLP_FORMATS
 from .otlp import log_records
 from .rate_limiter import RateLimited, RateLimiter
 from .records import check_permissions, encode_records, parse_body
 from .segment_format import KeyEntry, list_segments
+from .segment_keys import recent_keys
 from .segment_writer import SegmentWriter
 
 if TYPE_CHECKING:

@@ -17,8 +17,9 @@ from test_http_server import cli_read
 from telemetry_sink import segment_format
 from telemetry_sink.auth import hash_token
 from telemetry_sink.errors import IngestError
-from telemetry_sink.idempotency import IdempotencyTable, Replayed, parse_key, recent_keys
+from telemetry_sink.idempotency import IdempotencyTable, Replayed, parse_key
 from telemetry_sink.segment_format import KeyEntry
+from telemetry_sink.segment_keys import recent_keys
 
 StartServer = Callable[..., ServerProcess]
 DURABLE = {"ingest": {"ack": "durable"}, "writer": {"fsync": "batch"}}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from telemetry_sink import crc_range, segment_format
+from telemetry_sink import crc_range, segment_format, segment_keys
 from telemetry_sink.segment_format import (
     BATCH_HEADER,
     BATCH_HEADER_SIZE,
@@ -54,7 +54,7 @@ def test_keyed_batch_layout_byte_for_byte() -> None:
         b"k" * 32 + b"b" * 32 + struct.pack(">I", 2) + b"K" * 32 + b"B" * 32 + struct.pack(">I", 7) + \
         struct.pack(">I", 2)
     assert data == b"TSB1" + struct.pack(">II", len(body), zlib.crc32(body)) + body
-    assert segment_format.with_keys(frame_batch(42, 1_700_000_000_123, [b"tok1"]), _KEYS) == data
+    assert segment_keys.with_keys(frame_batch(42, 1_700_000_000_123, [b"tok1"]), _KEYS) == data
 
 
 def test_keyed_batches_read_back_with_their_keys_among_plain_ones() -> None:
@@ -255,8 +255,8 @@ def test_keys_added_to_a_framed_batch_equal_framing_with_them(n: int) -> None:
     """keyed_parts derives the new CRC without hashing the records again: it must equal a fresh CRC."""
     tokens = [b"t%d-" % i * (1 + i % 13) for i in range(n)]
     plain = frame_batch(7, 1_700_000_000_000, tokens)
-    assert segment_format.with_keys(plain, _KEYS) == frame_batch(7, 1_700_000_000_000, tokens, _KEYS)
-    (batch,) = iter_batches(image(segment_format.with_keys(plain, _KEYS[:1])))
+    assert segment_keys.with_keys(plain, _KEYS) == frame_batch(7, 1_700_000_000_000, tokens, _KEYS)
+    (batch,) = iter_batches(image(segment_keys.with_keys(plain, _KEYS[:1])))
     assert isinstance(batch, Batch) and batch.tokens == tokens and batch.keys == tuple(_KEYS[:1])
 
 
