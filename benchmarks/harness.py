@@ -355,8 +355,9 @@ class WrkResult:
 
 
 def run_wrk(url: str, body: Payload, seconds: float, connections: int = 64, threads: int = 1,
-            timeout_s: float = 10.0) -> WrkResult:
-    """One bounded wrk run (POST `body` over `connections` keep-alive connections)."""
+            timeout_s: float = 10.0, script: Path = LUA_POST, script_args: tuple[str, ...] = ()) -> WrkResult:
+    """One bounded wrk run (POST `body` over `connections` keep-alive connections); `script` and its
+    extra `script_args` (after BODY_FILE CONTENT_TYPE) may replace lua/post.lua."""
     wrk = ensure_wrk()
     if wrk is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
@@ -366,8 +367,8 @@ def run_wrk(url: str, body: Payload, seconds: float, connections: int = 64, thre
         f.write(body.body)
     try:
         argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-                f"--timeout={timeout_s:g}s", "-s", str(LUA_POST), url + "/telemetry", "--",
-                str(body_file), body.content_type]
+                f"--timeout={timeout_s:g}s", "-s", str(script), url + "/telemetry", "--",
+                str(body_file), body.content_type, *script_args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + timeout_s + 60)
     finally:
         body_file.unlink(missing_ok=True)

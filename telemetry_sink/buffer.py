@@ -9,6 +9,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from .segment_format import KeyEntry
+
 
 class BufferFull(Exception):
     """The records would push the buffer past `max_records` or `max_bytes`."""
@@ -47,6 +49,8 @@ class BufferManager:
         # records still queued: the head's time is when the oldest waiting record arrived.
         self._arrivals: deque[tuple[int, float]] = deque()
         self._acks: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # (position after the request's last record, its idempotency key) until that record is stored
+        self._keys: deque[tuple[int, KeyEntry]] = deque()
         self._enqueued = 0  # records ever put: positions run from 0
         self._taken = 0  # records ever handed to the writer
         self._stored = 0  # records ever reported stored
@@ -62,8 +66,10 @@ class BufferManager:
         """Whether records or bytes held reach `percent` of their bound (100: full)."""
         return self.records * 100 >= self.max_records * percent or self.bytes * 100 >= self.max_bytes * percent
 
-    def put(self, records: list[bytes], nbytes: int, want_ack: bool = False) -> asyncio.Future[None] | None:
-        """Queue `records` (whose lengths sum to `nbytes`) or raise BufferFull/BufferClosed."""
+    def put(self, records: list[bytes], nbytes: int, want_ack: bool = False,
+            key: KeyEntry | None = None) -> asyncio.Future[None] | None:
+        """Queue `records` (whose lengths sum to `nbytes`) or raise BufferFull/BufferClosed. `key`
+        travels to the writer with the batch that holds the request's last record."""
         if self.closed:
             raise BufferClosed
         if self.records + len(records) > self.max_records or self.bytes + nbytes > self.max_bytes:
@@ -74,6 +80,8 @@ class BufferManager:
         self.bytes += nbytes
         self._enqueued += len(records)
         self._arrivals.append((self._enqueued, self._clock()))
+        if key is not None:
+            self._keys.append((self._enqueued, key))
         ack: asyncio.Future[None] | None = None
         if want_ack:
             ack = asyncio.get_running_loop().create_future()
@@ -125,6 +133,21 @@ class BufferManager:
             arrivals.popleft()
         return batch
 
+    def keys_of(self, batches: list[list[bytes]]) -> list[list[KeyEntry]]:
+        """The idempotency keys of each of `batches` (the batches just taken, in order)."""
+        out: list[list[KeyEntry]] = []
+        start = self._taken - sum(map(len, batches))
+        keys = iter(self._keys)
+        pending = next(keys, None)
+        for batch in batches:
+            start += len(batch)
+            mine: list[KeyEntry] = []
+            while pending is not None and pending[0] <= start:
+                mine.append(pending[1])
+                pending = next(keys, None)
+            out.append(mine)
+        return out
+
     def requeue(self, batch: list[bytes]) -> None:
         """Give back a batch the writer could not store, at the front, to be retried."""
         self._queue.extendleft(reversed(batch))
@@ -145,6 +168,9 @@ class BufferManager:
         self.records -= len(batch)
         self.bytes -= sum(map(len, batch))
         self._stored += len(batch)
+        keys = self._keys
+        while keys and keys[0][0] <= self._stored:
+            keys.popleft()
         acks = self._acks
         while acks and acks[0][0] <= self._stored:
             future = acks.popleft()[1]

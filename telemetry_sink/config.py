@@ -150,6 +150,12 @@ class IngestConfig:
     max_body_bytes: int = key(_positive_int, "1048576", "largest request body; larger: 413")
     ack: str = key(str, "buffered", "`buffered`: 202 once the records are in the memory buffer; `durable`: 202 "
                    "only after they are written and fsynced (see the README's guarantees)", choices=ACK_MODES)
+    idempotency_window_s: int = key(_non_negative_int, "3600", "a request repeated with the same "
+                                    "`Idempotency-Key` (same client, same body) within this gets the first answer "
+                                    "and stores nothing (see docs/http-api.md); `0` ignores the header and writes "
+                                    "segments without the keyed flag")
+    idempotency_max_keys: int = key(_positive_int, "100000", "at most this many keys are remembered (about 200 "
+                                    "bytes each); past it the oldest answered key is forgotten early")
 
 
 @section
@@ -228,6 +234,13 @@ class ShipConfig:
                                  "have failed for this long")
 
 
+@section
+class OtlpConfig:
+    node_id_attribute: str = key(_text, "service.instance.id", "POST /v1/logs: the resource attribute whose value "
+                                 "becomes each log record's `node_id` (`host.name` when it is absent; see "
+                                 "docs/otlp.md)")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration; relative paths are already resolved. Each field but `source` is a section."""
@@ -240,6 +253,7 @@ class Config:
     crypto: CryptoConfig
     auth: AuthConfig
     ship: ShipConfig
+    otlp: OtlpConfig
     source: Path | None
 
     def as_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from . import __version__
+from . import __version__, otlp
 from .auth import TokenTable
 from .ingest_http import ASGIApp, IngestHandler, Receive, Scope, Send
 from .metrics import SinkCollector
@@ -31,17 +31,26 @@ log = logging.getLogger("telemetry_sink.http")
 
 
 class IngestFastPath:
-    """Outermost ASGI app: POST /telemetry goes straight to the handler, the rest to FastAPI."""
+    """Outermost ASGI app: POST /telemetry (and POST /v1/logs) go straight to their handlers, the
+    rest to FastAPI."""
 
-    def __init__(self, api: FastAPI, handler: IngestHandler) -> None:
+    def __init__(self, api: FastAPI, handler: IngestHandler, otlp_handler: IngestHandler | None = None) -> None:
         self.api = api
         self.handler = handler
+        self.otlp_handler = otlp_handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/telemetry" and scope["method"] == "POST":
-            await self.handler(scope, receive, send)
-        else:
-            await self.api(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST":
+            if scope["path"] == "/telemetry":
+                return await self.handler(scope, receive, send)
+            if scope["path"] == "/v1/logs" and self.otlp_handler is not None:
+                return await self.otlp_handler(scope, receive, send)
+        await self.api(scope, receive, send)
+
+
+def _otlp_success(fmt: str, accepted: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    content_type, body = otlp.SUCCESS_BODIES[fmt]
+    return 200, [(b"content-type", content_type)], body
 
 
 class _DelegateResponse(Response):
@@ -95,6 +104,7 @@ _INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _response("Auth is on and the bearer token is missing or unknown", _ERROR_SCHEMA),
     403: _response("The token may not write a record's node_id (index names it)", _ERROR_SCHEMA),
     408: _response("The body did not arrive within body_timeout_s", _ERROR_SCHEMA),
+    409: _response("A request with the same Idempotency-Key is still in flight", _ERROR_SCHEMA, retry_after=True),
     413: _response("The body (or its decompressed form) exceeds max_body_bytes", _ERROR_SCHEMA),
     415: _response("Unsupported Content-Type or Content-Encoding", _ERROR_SCHEMA),
     422: _response("A record is invalid (index names the first); nothing was stored", _ERROR_SCHEMA),
@@ -102,6 +112,23 @@ _INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: _response("The buffer is full, the log cannot be written, or the server is shutting down",
                    _ERROR_SCHEMA, retry_after=True),
     507: _response("The log disk is full; nothing of this request was stored", _ERROR_SCHEMA, retry_after=True),
+}
+
+
+_OTLP_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-protobuf": {"schema": {"type": "string", "format": "binary",
+                                                  "description": "ExportLogsServiceRequest"}},
+            "application/json": {"schema": {"type": "object", "description": "ExportLogsServiceRequest, OTLP JSON"}},
+        },
+    },
+}
+_OTLP_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "All log records stored: an empty ExportLogsServiceResponse (partial success is never "
+                         "used)", "content": {"application/x-protobuf": {}, "application/json": {}}},
+    **{status: spec for status, spec in _INGEST_RESPONSES.items() if status != 202},
 }
 
 
@@ -167,11 +194,18 @@ def create_app(
     # No slash redirects: a 307 for /telemetry/ would build its Location from the client's Host header.
     api = FastAPI(title="telemetry-sink", version=__version__, lifespan=lifespan, redirect_slashes=False)
     handler = IngestHandler(service, max_body_bytes, tokens)
+    otlp_handler = IngestHandler(service, max_body_bytes, tokens, media_types=otlp.MEDIA_TYPES,
+                                 media_type_detail=otlp.MEDIA_TYPE_DETAIL, success=_otlp_success)
 
     @api.post("/telemetry", status_code=202, openapi_extra=_INGEST_OPENAPI, responses=_INGEST_RESPONSES,
               summary="Ingest telemetry records (all or nothing)")
     async def telemetry(request: Request) -> Response:
         return _DelegateResponse(handler)
+
+    @api.post("/v1/logs", status_code=200, openapi_extra=_OTLP_OPENAPI, responses=_OTLP_RESPONSES,
+              summary="OTLP/HTTP logs: one stored record per log record (all or nothing; docs/otlp.md)")
+    async def otlp_logs(request: Request) -> Response:
+        return _DelegateResponse(otlp_handler)
 
     @api.get("/healthz", summary="Liveness: 200 while the writer task is alive")
     async def healthz() -> Response:
@@ -189,4 +223,4 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return IngestFastPath(api, handler)
+    return IngestFastPath(api, handler, otlp_handler)

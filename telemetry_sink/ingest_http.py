@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
 
 from .auth import TokenTable
 from .errors import IngestError, shutting_down
+from .idempotency import Replayed, parse_key
 from .service import TelemetryService
 
 log = logging.getLogger("telemetry_sink.http")
@@ -31,6 +32,7 @@ MEDIA_TYPES = {
 ENCODINGS = (b"identity", b"gzip", b"x-gzip")
 _MEDIA_TYPE_DETAIL = "Content-Type must be application/json or application/x-ndjson"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_REPLAYED = (b"idempotent-replayed", b"true")
 # Statuses after which the rest of the request body may still be in flight: close the
 # connection rather than keep reading (or trusting) it.
 _CLOSE_AFTER = frozenset((401, 408, 413))
@@ -69,23 +71,39 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
     return out
 
 
+Headers = list[tuple[bytes, bytes]]
+
+
+def telemetry_accepted(fmt: str, accepted: int) -> tuple[int, Headers, bytes]:
+    """POST /telemetry's success: 202 {"accepted": n}."""
+    return 202, _JSON_HEADERS, b'{"accepted":%d}' % accepted
+
+
 class IngestHandler:
-    """The POST /telemetry ASGI handler: headers, auth, bounded body read, service call, reply."""
+    """The ingest ASGI handler: headers, auth, bounded body read, service call, reply. POST /telemetry
+    by default; another route (POST /v1/logs) brings its media types and success answer."""
 
     def __init__(
         self,
         service: TelemetryService,
         max_body_bytes: int,
         tokens: TokenTable | None = None,
+        *,
+        media_types: Mapping[bytes, str] = MEDIA_TYPES,
+        media_type_detail: str = _MEDIA_TYPE_DETAIL,
+        success: Callable[[str, int], tuple[int, Headers, bytes]] = telemetry_accepted,
     ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.tokens = tokens
+        self.media_types = media_types
+        self.media_type_detail = media_type_detail
+        self.success = success
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self.service
         try:
-            accepted = await self._handle(scope, receive)
+            fmt, accepted = await self._handle(scope, receive)
         except IngestError as exc:
             headers = list(_JSON_HEADERS)
             if exc.retry_after_s is not None:
@@ -103,20 +121,25 @@ class IngestHandler:
             service.count_response(500, "internal_error")
             await _reply(send, 500, b'{"error":"internal_error","detail":"see the server log"}', _JSON_HEADERS)
         else:
-            service.stats.records_accepted += accepted
-            service.count_response(202)
-            await _reply(send, 202, b'{"accepted":%d}' % accepted, _JSON_HEADERS)
+            status, headers, body = self.success(fmt, accepted)
+            if isinstance(accepted, Replayed):
+                headers = [*headers, _REPLAYED]  # the first answer again; nothing was stored this time
+            else:
+                service.stats.records_accepted += accepted
+            service.count_response(status)
+            await _reply(send, status, body, headers)
 
-    async def _handle(self, scope: Scope, receive: Receive) -> int:
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[str, int]:
         fmt: str | None = None
         length: int | None = None
         encoding = b"identity"
         authorization: bytes | None = None
+        idempotency_key: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-type":
-                fmt = MEDIA_TYPES.get(value.split(b";", 1)[0].strip().lower())
+                fmt = self.media_types.get(value.split(b";", 1)[0].strip().lower())
                 if fmt is None:
-                    raise _error(415, "unsupported_media_type", _MEDIA_TYPE_DETAIL)
+                    raise _error(415, "unsupported_media_type", self.media_type_detail)
             elif name == b"content-length":
                 try:
                     length = int(value)
@@ -126,16 +149,19 @@ class IngestHandler:
                 encoding = value.strip().lower()
             elif name == b"authorization":
                 authorization = value
+            elif name == b"idempotency-key":
+                idempotency_key = value
         principal = None
         if self.tokens is not None:
             principal = self.tokens.authenticate(authorization)
             if principal is None:
                 raise _unauthorized()
         if fmt is None:
-            raise _error(415, "unsupported_media_type", _MEDIA_TYPE_DETAIL)
+            raise _error(415, "unsupported_media_type", self.media_type_detail)
         if encoding not in ENCODINGS:
             raise _error(415, "unsupported_media_type",
                          f"Content-Encoding {encoding.decode('latin-1')!r} is not supported (use gzip or none)")
+        key = parse_key(idempotency_key) if idempotency_key is not None else None
         if self.service.closing:  # before reading a body that would be refused anyway
             raise shutting_down()
         limit = self.max_body_bytes
@@ -146,7 +172,7 @@ class IngestHandler:
         self.service.stats.bytes_received += len(wire)
         body = wire if encoding == b"identity" else gunzip_bounded(wire, limit)
         client = scope.get("client")
-        return await self.service.ingest(body, fmt, len(wire), principal, client[0] if client else None)
+        return fmt, await self.service.ingest(body, fmt, len(wire), principal, client[0] if client else None, key)
 
 
 class _Disconnected(Exception):

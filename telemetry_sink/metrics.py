@@ -48,6 +48,7 @@ class Snapshot:
     segment_bytes: int
     segments_deleted: int = 0
     gauges: dict[str, float] = field(default_factory=dict)  # further gauges, named as exported
+    counters: dict[str, float] = field(default_factory=dict)  # further counters, named as exported (less _total)
 
 
 class SinkCollector(Collector):
@@ -85,3 +86,5 @@ class SinkCollector(Collector):
                                   value=s.segments_deleted)
         for name, value in sorted(s.gauges.items()):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)
+        for name, value in sorted(s.counters.items()):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from . import segment_format
+from . import segment_format, segment_keys
 from ._protocols import BatchFramerProtocol
 from .crypto import CryptoService, InvalidToken
 from .progress import Progress
@@ -63,22 +63,24 @@ def _token_time(token: bytes) -> int | None:
 
 def _rotated_batch(batch: segment_format.Batch, plaintexts: list[bytes], keys: list[int], crypto: CryptoService,
                    framer: BatchFramerProtocol) -> bytes:
-    """`batch` with every token under the first key, each keeping its Fernet timestamp."""
+    """`batch` with every token under the first key, each keeping its Fernet timestamp (and its key
+    section, if any)."""
     at = batch.created_ms // 1000
     if all(_token_time(t) == at for t in batch.tokens):
         # What the writer leaves: every token stamped with the batch's time, so the framer can
         # re-encrypt the whole batch in one call (fresh IVs for all; the content is the same).
-        return framer.frame(batch.first_seq, batch.created_ms, plaintexts)
+        frame = framer.frame(batch.first_seq, batch.created_ms, plaintexts)
+        return segment_keys.with_keys(frame, batch.keys) if batch.keys else frame
     tokens = [token if key == 0 else crypto.rotate(token) for token, key in zip(batch.tokens, keys, strict=True)]
-    return segment_format.frame_batch(batch.first_seq, batch.created_ms, tokens)
+    return segment_format.frame_batch(batch.first_seq, batch.created_ms, tokens, batch.keys)
 
 
 def _rotated_image(path: Path, crypto: CryptoService) -> tuple[bytes | None, int]:
     """The segment re-encrypted under the first key, or None if every token already uses it."""
-    out = bytearray(segment_format.FILE_HEADER_BYTES)
     rotated = 0
     framer = crypto.new_framer()
     with segment_format.SegmentImage(path) as image:
+        out = bytearray(segment_format.file_header_bytes(image.flags))
         for item in image.batches():
             if isinstance(item, segment_format.Batch):
                 plaintexts, keys = crypto.decrypt_batch_keyed(item.tokens)

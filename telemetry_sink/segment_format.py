@@ -1,4 +1,5 @@
-"""Segment format v1: constants, pure-Python framing and a resynchronising reader.
+"""Segment format v1: constants, pure-Python framing and a resynchronising reader, and the
+`keyed` extension (file flag 0x0001: batches may carry the idempotency keys of their requests).
 
 The format is normative and documented in docs/log-format.md; keep the two in step.
 """
@@ -13,7 +14,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .crc_range import RangeCrc
 
@@ -22,6 +23,9 @@ FORMAT_VERSION = 1
 FILE_HEADER = struct.Struct(">8sHHI")  # magic, version, flags, reserved
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 FILE_HEADER_BYTES = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0, 0)
+# File flag: batches in this file may carry a key section (readers that do not know it refuse the file).
+FLAG_KEYED = 0x0001
+KNOWN_FLAGS = FLAG_KEYED
 
 BATCH_MAGIC = b"TSB1"
 BATCH_HEADER = struct.Struct(">4sII")  # magic, body length, crc32(body)
@@ -29,6 +33,11 @@ BATCH_HEADER_SIZE = BATCH_HEADER.size  # 12
 BODY_HEADER = struct.Struct(">QIQ")  # first_seq, count, created_ms
 BODY_HEADER_SIZE = BODY_HEADER.size  # 20
 TOKEN_LEN = struct.Struct(">I")
+# Keyed extension: bit 31 of a batch's count says its body ends in a key section after the
+# records: `n` entries (key digest, body digest, accepted), then u32 n.
+KEYED_COUNT_BIT = 0x80000000
+KEY_ENTRY = struct.Struct(">32s32sI")  # sha256(scope NUL key), sha256(format NUL body), records accepted
+KEY_SECTION_COUNT = struct.Struct(">I")
 
 SEGMENT_SUFFIX = ".tslog"
 # What segment_name makes; a foreign *.tslog name is read by the reader but is no series' segment.
@@ -44,19 +53,57 @@ class SegmentFormatError(ValueError):
     """The file is not a v1 segment (bad magic, version or flags)."""
 
 
-def frame_batch(first_seq: int, created_ms: int, tokens: Sequence[bytes]) -> bytes:
-    """Return one complete TSB1 batch (header, CRC, body) holding `tokens` in order."""
-    parts = [BODY_HEADER.pack(first_seq, len(tokens), created_ms)]
+class KeyEntry(NamedTuple):
+    """One acknowledged idempotent request, as a keyed batch records it (digests, never the key). A
+    named tuple: one is made per keyed request on the ingest path, and it packs as KEY_ENTRY."""
+
+    key: bytes  # sha256 of the principal's scope, NUL, the Idempotency-Key value
+    body: bytes  # sha256 of the body's format name, NUL, the decoded body
+    accepted: int  # the records the request stored (the 202's `accepted`)
+
+
+def file_header_bytes(flags: int = 0) -> bytes:
+    """The 16-byte file header with `flags` (FLAG_KEYED or 0)."""
+    return FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, flags, 0)
+
+
+def frame_batch(first_seq: int, created_ms: int, tokens: Sequence[bytes], keys: Sequence[KeyEntry] = ()) -> bytes:
+    """Return one complete TSB1 batch (header, CRC, body) holding `tokens` in order, and `keys` if any
+    (only for files flagged FLAG_KEYED)."""
+    count = len(tokens) | (KEYED_COUNT_BIT if keys else 0)
+    parts = [BODY_HEADER.pack(first_seq, count, created_ms)]
     pack_len = TOKEN_LEN.pack
     for token in tokens:
         parts.append(pack_len(len(token)))
         parts.append(token)
+    if keys:
+        parts.append(key_section(keys))
     body = b"".join(parts)
     return BATCH_HEADER.pack(BATCH_MAGIC, len(body), zlib.crc32(body)) + body
 
 
-def check_file_header(header: bytes) -> None:
-    """Raise SegmentFormatError unless `header` is a valid v1 file header."""
+def key_section(keys: Sequence[KeyEntry]) -> bytes:
+    """The key section of a keyed batch body: the entries, then their number."""
+    pack = KEY_ENTRY.pack
+    return b"".join([pack(*k) for k in keys]) + KEY_SECTION_COUNT.pack(len(keys))
+
+
+def read_key_section(body: bytes | memoryview, length: int) -> tuple[int, tuple[KeyEntry, ...]] | str:
+    """The key section at the end of a keyed batch body: (where the records end, the entries), or why
+    it is invalid."""
+    if length < BODY_HEADER_SIZE + KEY_SECTION_COUNT.size:
+        return "key section runs past the body"
+    (n,) = KEY_SECTION_COUNT.unpack_from(body, length - KEY_SECTION_COUNT.size)
+    records_end = length - KEY_SECTION_COUNT.size - n * KEY_ENTRY.size
+    if n == 0 or records_end < BODY_HEADER_SIZE:
+        return f"impossible key count {n}"
+    unpack = KEY_ENTRY.unpack_from
+    entries = tuple(KeyEntry(*unpack(body, records_end + i * KEY_ENTRY.size)) for i in range(n))
+    return records_end, entries
+
+
+def check_file_header(header: bytes) -> int:
+    """Return the flags of `header`; raise SegmentFormatError unless it is a valid v1 file header."""
     if len(header) < FILE_HEADER_SIZE:
         raise SegmentFormatError(f"file header is {len(header)} bytes, expected {FILE_HEADER_SIZE}")
     magic, version, flags, _reserved = FILE_HEADER.unpack_from(header)
@@ -64,8 +111,9 @@ def check_file_header(header: bytes) -> None:
         raise SegmentFormatError(f"bad file magic {magic!r}, expected {FILE_MAGIC!r}")
     if version != FORMAT_VERSION:
         raise SegmentFormatError(f"unsupported format version {version}")
-    if flags != 0:
+    if flags & ~KNOWN_FLAGS:
         raise SegmentFormatError(f"unsupported flags 0x{flags:04x}")
+    return int(flags)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -83,6 +131,7 @@ class Batch:
     created_ms: int
     _image: bytes | mmap.mmap = field(repr=False)
     _tokens_at: int = field(repr=False)  # where the first record's length sits in _image
+    keys: tuple[KeyEntry, ...] = ()  # the key section of a keyed batch
 
     @property
     def next_seq(self) -> int:
@@ -93,7 +142,8 @@ class Batch:
         if not isinstance(other, Batch):
             return NotImplemented
         return (self.offset, self.end, self.first_seq, self.count, self.created_ms) == (
-            other.offset, other.end, other.first_seq, other.count, other.created_ms) and self.tokens == other.tokens
+            other.offset, other.end, other.first_seq, other.count, other.created_ms) and self.tokens == other.tokens \
+            and self.keys == other.keys
 
     def detached(self) -> Batch:
         """The same batch holding a copy of its own bytes, usable after its image is closed."""
@@ -168,25 +218,34 @@ def _parse_at(buf: bytes | bytearray | mmap.mmap, offset: int, size: int,
         if crcs is None and zlib.crc32(body) != crc:
             return "CRC mismatch"
         first_seq, count, created_ms = BODY_HEADER.unpack_from(body, 0)
-        if count > (length - BODY_HEADER_SIZE) // TOKEN_LEN.size:
+        records_end = length
+        keys: tuple[KeyEntry, ...] = ()
+        if count & KEYED_COUNT_BIT:
+            section = read_key_section(body, length)
+            if isinstance(section, str):
+                return section
+            records_end, keys = section
+            count &= ~KEYED_COUNT_BIT
+        if count > (records_end - BODY_HEADER_SIZE) // TOKEN_LEN.size:
             return "record count runs past the body"
         pos = BODY_HEADER_SIZE
         unpack = TOKEN_LEN.unpack_from
         for _ in range(count):  # check the record lengths; the tokens are read later, on demand
-            if pos + 4 > length:
+            if pos + 4 > records_end:
                 return "record count runs past the body"
             (token_len,) = unpack(body, pos)
             pos += 4 + token_len
-            if pos > length:
+            if pos > records_end:
                 return "record length runs past the body"
-        if pos != length:
-            return f"{length - pos} stray bytes after the last record"
+        if pos != records_end:
+            return f"{records_end - pos} stray bytes after the last record"
     finally:
         body.release()
     if isinstance(buf, bytearray):
         # A window that will be reused (a streamed segment): keep a copy of just this batch's records.
-        return Batch(offset, end, first_seq, count, created_ms, bytes(buf[start + BODY_HEADER_SIZE : end]), 0)
-    return Batch(offset, end, first_seq, count, created_ms, buf, start + BODY_HEADER_SIZE)
+        return Batch(offset, end, first_seq, count, created_ms, bytes(buf[start + BODY_HEADER_SIZE : end]), 0,
+                     keys)
+    return Batch(offset, end, first_seq, count, created_ms, buf, start + BODY_HEADER_SIZE, keys)
 
 
 def _resync(buf: bytes | mmap.mmap, offset: int, size: int, crcs: RangeCrc) -> Batch | None:
@@ -238,7 +297,7 @@ class SegmentImage:
         self.path = path
         with open(path, "rb") if fd is None else os.fdopen(fd, "rb", closefd=False) as f:
             self.size = os.fstat(f.fileno()).st_size
-            check_file_header(os.pread(f.fileno(), FILE_HEADER_SIZE, 0))
+            self.flags = check_file_header(os.pread(f.fileno(), FILE_HEADER_SIZE, 0))
             self._map: bytes | mmap.mmap = (
                 mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 if self.size > FILE_HEADER_SIZE

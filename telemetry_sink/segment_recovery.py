@@ -123,6 +123,10 @@ def recover_series(directory: Path, series: str) -> Recovery:
     return recovery
 
 
+# The headers a writer creates: plain, or keyed (a torn one of either is rewritten plain and holds no batch).
+_HEADERS = (FILE_HEADER_BYTES, segment_format.file_header_bytes(segment_format.FLAG_KEYED))
+
+
 def _not_a_segment(path: Path, why: str) -> WriterStartError:
     return WriterStartError(f"{path} is not a segment ({why}); the writer would append to it: move it out of "
                             f"{path.parent}")
@@ -135,7 +139,7 @@ def _recover(fd: int, newest: Path, name_seq: int) -> Recovery:
     size = info.st_size
     if size < FILE_HEADER_SIZE:
         head = os.pread(fd, size, 0)
-        if not FILE_HEADER_BYTES.startswith(head):
+        if not any(header.startswith(head) for header in _HEADERS):
             raise _not_a_segment(newest, f"{size} bytes that do not begin a segment header")
         # Torn while being created: nothing but (part of) a header was ever written.
         os.ftruncate(fd, 0)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import segment_format
+from . import segment_format, segment_keys
 from .buffer import BufferManager
 from .config import FSYNC_POLICIES
 from .crypto import CryptoService
@@ -62,7 +62,7 @@ class WriterStats:
     retry_at: float = 0.0  # time.monotonic() of the next write attempt after a failure
 
 
-def _create_segment(path: Path) -> int:
+def _create_segment(path: Path, header: bytes = segment_format.FILE_HEADER_BYTES) -> int:
     """Create `path` holding just the file header, durably, and return its fd (O_APPEND).
 
     On failure (a full disk at roll-over) no fd is left open and no header-only file is left
@@ -80,7 +80,7 @@ def _create_segment(path: Path) -> int:
             raise FileExistsError(errno.EEXIST, "a segment with this name already holds data", str(path)) from None
         os.ftruncate(fd, 0)
     try:
-        write_all(fd, segment_format.FILE_HEADER_BYTES)
+        write_all(fd, header)
         os.fsync(fd)
         fsync_dir(path.parent)
     except BaseException:
@@ -110,6 +110,7 @@ class SegmentWriter:
         durable: bool = False,
         workers: int = 1,
         metrics: WriterMetrics | None = None,
+        keyed: bool = False,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
@@ -127,6 +128,8 @@ class SegmentWriter:
         self.durable = durable
         self.workers = workers
         self.metrics = metrics
+        # Idempotency keys on: new segments are flagged FLAG_KEYED, and batches carry their keys.
+        self.keyed = keyed
         self.stats = WriterStats()
         self.series: str | None = None
         self.next_seq = 0
@@ -174,15 +177,24 @@ class SegmentWriter:
         recovery = recover_series(self.directory, self.series)
         self.next_seq = recovery.next_seq
         if recovery.segment is not None and self.reopen_tail and \
-                recovery.segment.stat().st_size < self.max_segment_bytes:
+                recovery.segment.stat().st_size < self.max_segment_bytes and \
+                self._may_append_to(recovery.segment):
             self._open_segment(recovery.segment, create=False)
             if recovery.first_created_ms is not None:
                 self._segment_born = recovery.first_created_ms / 1000
         return recovery
 
+    def _may_append_to(self, segment: Path) -> bool:
+        """A keyed writer appends only to a segment flagged keyed; else it starts a new one (which
+        replaces the old one if that holds no batch: see _create_segment)."""
+        if not self.keyed:
+            return True
+        with segment_format.SegmentImage(segment) as image:
+            return bool(image.flags & segment_format.FLAG_KEYED)
+
     def _open_segment(self, path: Path, create: bool) -> None:
         if create:
-            fd = _create_segment(path)
+            fd = _create_segment(path, segment_format.file_header_bytes(segment_format.FLAG_KEYED if self.keyed else 0))
             log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
         else:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
@@ -215,8 +227,10 @@ class SegmentWriter:
 
     # -- the writer thread --
 
-    def _write_batches(self, batches: list[list[bytes]]) -> None:
-        """Frame and encrypt each batch, then append them all with one write (and one fsync)."""
+    def _write_batches(self, batches: list[list[bytes]],
+                       keys: list[list[segment_format.KeyEntry]] | None = None) -> None:
+        """Frame and encrypt each batch (with its requests' idempotency `keys`, if any), then append
+        them all with one write (and one fsync)."""
         assert self.series is not None, "open() first"
         started = time.perf_counter()
         now = time.time()
@@ -224,11 +238,15 @@ class SegmentWriter:
         seq = self.next_seq
         if seq + sum(map(len, batches)) - 1 > MAX_SEQ:
             raise SequenceExhausted(f"series {self.series} has used every sequence number up to {MAX_SEQ}")
-        frames = []
-        for records in batches:
-            frames.append(self._framer.frame(seq, created_ms, records))
+        frames: list[bytes | memoryview] = []
+        for i, records in enumerate(batches):
+            frame = self._framer.frame(seq, created_ms, records)
+            if keys and keys[i]:
+                frames.extend(segment_keys.keyed_parts(frame, keys[i]))
+            else:
+                frames.append(frame)
             seq += len(records)
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        data = bytes(frames[0]) if len(frames) == 1 else b"".join(frames)  # bytes(bytes) is no copy
         if self._fd is not None and self._too_old(now):
             self._seal()
         if self._fd is None:
@@ -332,8 +350,9 @@ class SegmentWriter:
                 batches = await buffer.next_batches(self.batch_size, self.linger_s, MAX_BATCHES_PER_WRITE)
                 if not batches:
                     return
+                keys = buffer.keys_of(batches) if self.keyed else None
                 try:
-                    await loop.run_in_executor(self._executor, self._write_batches, batches)
+                    await loop.run_in_executor(self._executor, self._write_batches, batches, keys)
                 except SequenceExhausted:
                     raise  # nothing can be written any more: the service stops taking requests
                 except Exception as exc:

@@ -57,6 +57,7 @@ def build_app(config: Config, *, workers: int = 1) -> Any:
     except OSError as exc:  # e.g. the directory is a file, or may not be created
         raise ServeError(f"[writer] directory {config.writer.directory}: cannot use it as the log directory "
                          f"({exc.strerror}); point it at a writable directory") from None
+    service.recover_keys()
     if service.shipper is not None:
         assert service.writer.series is not None
         service.shipper.start(service.writer.series)

@@ -17,10 +17,14 @@ from .buffer import BufferClosed, BufferFull, BufferManager
 from .config import Config
 from .crypto import CryptoService
 from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
+from .idempotency import IdempotencyTable, body_digest, key_digest
 from .metrics import Snapshot, WriterMetrics
+from .otlp import FORMATS as OTLP_FORMATS
+from .otlp import log_records
 from .rate_limiter import RateLimited, RateLimiter
 from .records import check_permissions, encode_records, parse_body
-from .segment_format import list_segments
+from .segment_format import KeyEntry, list_segments
+from .segment_keys import recent_keys
 from .segment_writer import SegmentWriter
 
 if TYPE_CHECKING:
@@ -52,12 +56,16 @@ class TelemetryService:
         wall_clock: Callable[[], float] = time.time,
         durable: bool = False,
         high_water_percent: int = 90,
+        idempotency: IdempotencyTable | None = None,
+        otlp_node_attribute: str = "service.instance.id",
     ) -> None:
         self.rate_limiter = rate_limiter
         self.buffer = buffer
         self.writer = writer
         self.durable = durable
         self.high_water_percent = high_water_percent
+        self.idempotency = idempotency  # None: Idempotency-Key headers are ignored
+        self.otlp_node_attribute = otlp_node_attribute
         self.closing = False
         self.writer_failure: str | None = None  # why the writer stopped for good, if it did
         self.stats = IngestStats()
@@ -72,11 +80,14 @@ class TelemetryService:
         wire_bytes: int | None = None,
         principal: Principal | None = None,
         client_key: str | None = None,
+        idempotency_key: bytes | None = None,
     ) -> int:
         """Store every record of one request, or none; return how many. Raises IngestError.
 
         `principal` (when auth is on) limits which node_ids may be written; per-node rate
-        limits are keyed by the principal, else by `client_key` (the client address).
+        limits are keyed by the principal, else by `client_key` (the client address). A repeat
+        of an answered request with the same `idempotency_key` returns a `Replayed` count and
+        stores nothing.
         """
         if self.closing:
             raise shutting_down()
@@ -102,12 +113,31 @@ class TelemetryService:
                               retry_after_s=exc.retry_after) from None
         if wait > 0.0:
             await asyncio.sleep(wait)
-        values = parse_body(body, fmt)
+        if idempotency_key is None or self.idempotency is None:
+            return await self._store(body, fmt, received_at, principal)
+        scope = principal.key if principal is not None else f"addr:{client_key}"
+        key, digest = key_digest(scope, idempotency_key), body_digest(fmt, body)
+        replay = self.idempotency.begin(key, digest)
+        if replay is not None:
+            return replay
+        try:
+            accepted = await self._store(body, fmt, received_at, principal, (key, digest))
+        except BaseException:
+            self.idempotency.abandon(key)  # nothing stored: a retry is a new request
+            raise
+        self.idempotency.finish(key, accepted)
+        return accepted
+
+    async def _store(self, body: bytes, fmt: str, received_at: float, principal: Principal | None,
+                     key: tuple[bytes, bytes] | None = None) -> int:
+        """Parse, check and buffer the records (with their key, for the log); wait for a durable ack."""
+        values = log_records(body, fmt, self.otlp_node_attribute) if fmt in OTLP_FORMATS else parse_body(body, fmt)
         plaintexts, nbytes = encode_records(values, received_at)
         if principal is not None:
             check_permissions(values, principal)
         try:
-            ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable)
+            entry = KeyEntry(key[0], key[1], len(plaintexts)) if key is not None else None
+            ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable, key=entry)
         except BufferFull:
             raise buffer_full() from None
         except BufferClosed:
@@ -133,7 +163,9 @@ class TelemetryService:
             fsync_interval_ms=w.fsync_interval_ms, max_segment_bytes=w.max_segment_bytes,
             max_segment_age_s=w.max_segment_age_s, retention_bytes=w.retention_bytes,
             retention_days=w.retention_days, durable=durable, workers=workers, metrics=metrics,
+            keyed=config.ingest.idempotency_window_s > 0,
         )
+        window = config.ingest.idempotency_window_s
         return cls(
             RateLimiter(rl.bytes_per_second / workers, rl.burst_bytes / workers, rl.mode, rl.max_delay_ms / 1000,
                         per_node_bytes_per_second=rl.per_node_bytes_per_second,
@@ -142,7 +174,22 @@ class TelemetryService:
             writer,
             durable=durable,
             high_water_percent=config.buffer.high_water_percent,
+            idempotency=IdempotencyTable(window, config.ingest.idempotency_max_keys) if window > 0 else None,
+            otlp_node_attribute=config.otlp.node_id_attribute,
         )
+
+    def recover_keys(self) -> int:
+        """Load the idempotency keys of recently logged requests (blocking; after the writer's open()).
+        Returns how many."""
+        table = self.idempotency
+        if table is None:
+            return 0
+        started = time.monotonic()
+        since_ms = int((self._wall_clock() - table.window_s) * 1000)
+        loaded = table.load(recent_keys(self.writer.directory, since_ms, table.max_keys))
+        log.info("idempotency: %d keys of the last %ds recovered from the log in %.2fs", loaded, table.window_s,
+                 time.monotonic() - started, extra={"event": "idempotency_keys_recovered", "keys": loaded})
+        return loaded
 
     # -- what the adapter asks --
 
@@ -209,8 +256,18 @@ class TelemetryService:
             segment_bytes=segment_bytes,
             segments_deleted=wstats.segments_deleted,
             gauges={"rate_limit_node_buckets": self.rate_limiter.node_buckets,
-                    "buffer_max_records": self.buffer.max_records, "buffer_max_bytes": self.buffer.max_bytes},
+                    "buffer_max_records": self.buffer.max_records, "buffer_max_bytes": self.buffer.max_bytes,
+                    **self._idempotency_gauges()},
+            counters=self._idempotency_counters(),
         )
+
+    def _idempotency_gauges(self) -> dict[str, float]:
+        return {} if self.idempotency is None else {"idempotency_keys": len(self.idempotency)}
+
+    def _idempotency_counters(self) -> dict[str, float]:
+        table = self.idempotency
+        return {} if table is None else {"idempotent_replays": table.replays,
+                                          "idempotency_keys_evicted": table.evicted}
 
     # -- lifecycle --
 

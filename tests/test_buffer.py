@@ -163,3 +163,22 @@ def test_above_measures_records_and_bytes_against_their_bounds() -> None:
     assert buf.above(80) and not buf.above(81) and not buf.above(100)
     buf.put(recs(1, size=920), 920)
     assert buf.above(100)  # by bytes: 1000 of 1000, with 9 of 10 records
+
+
+async def test_keys_travel_with_the_batch_holding_their_requests_last_record() -> None:
+    from telemetry_sink.segment_format import KeyEntry
+
+    def key(i: int) -> KeyEntry:
+        return KeyEntry(bytes([i]) * 32, b"b" * 32, 3)
+
+    buf = BufferManager(max_records=100, max_bytes=10**6)
+    for i in range(3):  # three requests of three records: a batch of 4 splits the second
+        buf.put(recs(3), 30, key=key(i))
+    batches = await buf.next_batches(4, 0.0, 3)
+    assert [len(b) for b in batches] == [4, 4]
+    assert buf.keys_of(batches) == [[key(0)], [key(1)]]  # key 1 rides with its last record, in batch 2
+    buf.requeue([r for b in batches for r in b])  # a failed write: the same records come again
+    again = await buf.next_batches(9, 0.0, 1)
+    assert buf.keys_of(again) == [[key(0), key(1), key(2)]]
+    buf.stored(again[0])
+    assert buf.keys_of([]) == [] and not buf._keys  # stored: nothing left to carry

@@ -8,6 +8,7 @@ start-up failures.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -738,10 +739,16 @@ def test_torn_tail_is_cut_on_restart_and_the_sequence_continues(
 
 def _decode_segment_independently(path: Path, key: bytes) -> list[tuple[int, int, list[bytes], list[int]]]:
     """Follow docs/log-format.md using only struct, zlib and cryptography (no telemetry_sink)."""
+    return [batch[:4] for batch in _decode_keyed_segment_independently(path, key)]
+
+
+def _decode_keyed_segment_independently(
+        path: Path, key: bytes) -> list[tuple[int, int, list[bytes], list[int], list[tuple[bytes, bytes, int]]]]:
+    """The same, with the keyed extension: each batch also gives its key entries."""
     fernet = Fernet(key)
     data = path.read_bytes()
     magic, version, flags, reserved = struct.unpack_from(">8sHHI", data, 0)
-    assert (magic, version, flags, reserved) == (b"TSINKLOG", 1, 0, 0)
+    assert (magic, version, reserved) == (b"TSINKLOG", 1, 0) and flags in (0, 1)
     out = []
     pos = 16
     while pos < len(data):
@@ -750,6 +757,13 @@ def _decode_segment_independently(path: Path, key: bytes) -> list[tuple[int, int
         body = data[pos + 12 : pos + 12 + length]
         assert len(body) == length and zlib.crc32(body) == crc
         first_seq, count, created_ms = struct.unpack_from(">QIQ", body, 0)
+        records_end, keys = length, []
+        if count & 0x80000000:
+            assert flags == 1, "a keyed batch in a file without the keyed flag"
+            count &= 0x7FFFFFFF
+            (n,) = struct.unpack_from(">I", body, length - 4)
+            records_end = length - 4 - 68 * n
+            keys = [struct.unpack_from(">32s32sI", body, records_end + 68 * i) for i in range(n)]
         p = 20
         plaintexts, stamps = [], []
         for _ in range(count):
@@ -758,9 +772,9 @@ def _decode_segment_independently(path: Path, key: bytes) -> list[tuple[int, int
             plaintexts.append(fernet.decrypt(token))
             stamps.append(fernet.extract_timestamp(token))
             p += 4 + n
-        assert p == length, "stray bytes after the last record"
+        assert p == records_end, "stray bytes after the last record"
         assert all(stamp == created_ms // 1000 for stamp in stamps)
-        out.append((first_seq, created_ms, plaintexts, stamps))
+        out.append((first_seq, created_ms, plaintexts, stamps, keys))
         pos += 12 + length
     assert pos == len(data)
     return out
@@ -786,6 +800,25 @@ def test_segment_decodes_with_only_cryptography_struct_and_zlib(start_server: St
     assert all(started_ms - 1000 <= created_ms <= ended_ms + 1000 for _, created_ms, _, _ in decoded)
     plaintexts = [p for _, _, plain, _ in decoded for p in plain]
     assert [json.loads(p) for p in plaintexts] == records
+
+
+def test_keyed_segment_decodes_with_only_cryptography_struct_and_zlib(start_server: StartServer, tmp_path: Path,
+                                                                       key_file: Path) -> None:
+    server = start_server({"writer": {"flush_interval_ms": 10}, "ingest": {"ack": "durable"}})
+    records = [{"node_id": "keyed", "i": i, "ts": 1000 + i} for i in range(5)]
+    bodies = [orjson.dumps(records[:2]), orjson.dumps(records[2:])]
+    for i, body in enumerate(bodies):
+        assert server.post(body, headers={"idempotency-key": f'"key-{i}"'}).status_code == 202
+    assert server.post(b'{"node_id":"unkeyed","ts":1}').status_code == 202
+    assert_stopped_gracefully(server, server.stop())
+
+    (segment,) = sorted((tmp_path / "data").glob("*.tslog"))
+    decoded = _decode_keyed_segment_independently(segment, key_file.read_bytes().strip())
+    assert [json.loads(p) for batch in decoded for p in batch[2]] == [*records, {"node_id": "unkeyed", "ts": 1}]
+    keys = [entry for batch in decoded for entry in batch[4]]
+    # docs/log-format.md: sha256(scope NUL key), sha256(format NUL body); scope is the client address here
+    assert keys == [(hashlib.sha256(b"addr:127.0.0.1\0key-%d" % i).digest(), hashlib.sha256(b"json\0" + body).digest(),
+                     len(orjson.loads(body))) for i, body in enumerate(bodies)]
 
 
 # -- start-up failures --

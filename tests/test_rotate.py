@@ -130,6 +130,25 @@ def test_rotation_keeps_each_tokens_time_and_untouched_batches(tmp_path: Path) -
     assert path.read_bytes().endswith(current)  # a batch already under the first key is copied as it was
 
 
+def test_rotation_keeps_the_keyed_flag_and_key_sections(tmp_path: Path) -> None:
+    old, new = generate_key(), generate_key()
+    keys = (segment_format.KeyEntry(b"k" * 32, b"b" * 32, 1),)
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / segment_format.segment_name("w0", 0)
+    other = (segment_format.KeyEntry(b"K" * 32, b"B" * 32, 1),)
+    path.write_bytes(segment_format.file_header_bytes(segment_format.FLAG_KEYED)
+                     + segment_format.frame_batch(0, 1_000, [Fernet(old).encrypt_at_time(b"r", 1)], keys)
+                     + segment_format.frame_batch(1, 9_000, [Fernet(old).encrypt_at_time(b"s", 7)], other))
+    report = rotate_directory(data, CryptoService([new.decode(), old.decode()], "test"))
+    assert report.tokens_rotated == 2  # the first batch re-framed in one call, the second token by token
+    with segment_format.SegmentImage(path) as image:
+        assert image.flags == segment_format.FLAG_KEYED
+        batches = [b for b in image.batches() if isinstance(b, segment_format.Batch)]
+        assert [b.keys for b in batches] == [keys, other]
+        assert [Fernet(new).decrypt(b.tokens[0]) for b in batches] == [b"r", b"s"]
+
+
 def test_a_foreign_name_in_the_directory_does_not_stop_rotation(tmp_path: Path) -> None:
     """Foreign *.tslog names are no series' segments (the server ignores them with a warning)."""
     old, new = generate_key(), generate_key()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from telemetry_sink import crc_range, segment_format
+from telemetry_sink import crc_range, segment_format, segment_keys
 from telemetry_sink.segment_format import (
     BATCH_HEADER,
     BATCH_HEADER_SIZE,
@@ -43,6 +43,37 @@ def test_frame_batch_layout_byte_for_byte() -> None:
     body = struct.pack(">QIQ", 42, 2, 1_700_000_000_123) + struct.pack(">I", 4) + b"tok1" + \
         struct.pack(">I", 9) + b"token-two"
     assert data == b"TSB1" + struct.pack(">II", len(body), zlib.crc32(body)) + body
+
+
+_KEYS = [segment_format.KeyEntry(b"k" * 32, b"b" * 32, 2), segment_format.KeyEntry(b"K" * 32, b"B" * 32, 7)]
+
+
+def test_keyed_batch_layout_byte_for_byte() -> None:
+    data = frame_batch(42, 1_700_000_000_123, [b"tok1"], _KEYS)
+    body = struct.pack(">QIQ", 42, 0x80000001, 1_700_000_000_123) + struct.pack(">I", 4) + b"tok1" + \
+        b"k" * 32 + b"b" * 32 + struct.pack(">I", 2) + b"K" * 32 + b"B" * 32 + struct.pack(">I", 7) + \
+        struct.pack(">I", 2)
+    assert data == b"TSB1" + struct.pack(">II", len(body), zlib.crc32(body)) + body
+    assert segment_keys.with_keys(frame_batch(42, 1_700_000_000_123, [b"tok1"]), _KEYS) == data
+
+
+def test_keyed_batches_read_back_with_their_keys_among_plain_ones() -> None:
+    data = segment_format.file_header_bytes(segment_format.FLAG_KEYED) + frame_batch(0, 1, [b"a", b"b"], _KEYS) + \
+        frame_batch(2, 2, [b"c"]) + frame_batch(3, 3, [], _KEYS[:1])
+    assert segment_format.check_file_header(data[:16]) == segment_format.FLAG_KEYED
+    batches = list(iter_batches(data))
+    assert [(b.first_seq, b.count, b.tokens, b.keys) for b in batches if isinstance(b, Batch)] == [
+        (0, 2, [b"a", b"b"], tuple(_KEYS)), (2, 1, [b"c"], ()), (3, 0, [], tuple(_KEYS[:1]))]
+
+
+@pytest.mark.parametrize("n", [0, 3, 1 << 30], ids=lambda n: f"key-count-{n}")
+def test_impossible_key_count_is_damage(n: int) -> None:
+    data = bytearray(frame_batch(0, 1, [b"abc"], _KEYS[:1]))
+    struct.pack_into(">I", data, len(data) - 4, n)
+    body = bytes(data[12:])
+    struct.pack_into(">I", data, 8, zlib.crc32(body))  # a valid CRC: the key section itself must be checked
+    (item,) = iter_batches(image(bytes(data)))
+    assert isinstance(item, Damage)
 
 
 def test_reader_returns_batches_in_order() -> None:
@@ -96,7 +127,7 @@ def test_impossible_length_does_not_allocate() -> None:
         pytest.param(b"TSINKLO", "file header is 7 bytes", id="short"),
         pytest.param(b"XSINKLOG" + bytes(8), "bad file magic", id="magic"),
         pytest.param(b"TSINKLOG" + struct.pack(">HHI", 2, 0, 0), "unsupported format version 2", id="version"),
-        pytest.param(b"TSINKLOG" + struct.pack(">HHI", 1, 1, 0), "unsupported flags", id="flags"),
+        pytest.param(b"TSINKLOG" + struct.pack(">HHI", 1, 2, 0), "unsupported flags 0x0002", id="flags"),
     ],
 )
 def test_bad_file_headers(header: bytes, message: str) -> None:
@@ -217,6 +248,16 @@ def test_shift_agrees_with_the_slow_polynomial_product(n: int) -> None:
     assert crc_range.shift(crc, n) == crc_range._multmodp(crc_range._x8n(n), crc)
     if n < 1 << 16:
         assert crc_range.combine(zlib.crc32(b"abc"), zlib.crc32(bytes(n)), n) == zlib.crc32(b"abc" + bytes(n))
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 257], ids=lambda n: f"{n}-records")
+def test_keys_added_to_a_framed_batch_equal_framing_with_them(n: int) -> None:
+    """keyed_parts derives the new CRC without hashing the records again: it must equal a fresh CRC."""
+    tokens = [b"t%d-" % i * (1 + i % 13) for i in range(n)]
+    plain = frame_batch(7, 1_700_000_000_000, tokens)
+    assert segment_keys.with_keys(plain, _KEYS) == frame_batch(7, 1_700_000_000_000, tokens, _KEYS)
+    (batch,) = iter_batches(image(segment_keys.with_keys(plain, _KEYS[:1])))
+    assert isinstance(batch, Batch) and batch.tokens == tokens and batch.keys == tuple(_KEYS[:1])
 
 
 def tiny_token_segment(path: Path, size: int) -> Path:

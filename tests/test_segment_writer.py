@@ -402,3 +402,67 @@ async def test_an_unexpected_error_is_retried_like_a_disk_error_and_loses_nothin
     assert writer.stats.write_errors == 2 and writer.stats.last_error is None
     assert read_all(tmp_path, crypto) == list(enumerate(records))
     assert sum("Traceback" in (r.exc_text or "") or r.exc_info is not None for r in caplog.records) == 1
+
+
+# -- the keyed extension (idempotency keys) --
+
+
+def _key(i: int) -> segment_format.KeyEntry:
+    return segment_format.KeyEntry(bytes([i]) * 32, b"b" * 32, 1)
+
+
+async def _write_keyed(writer: SegmentWriter, n: int) -> None:
+    """n one-record requests, each with its key."""
+    buf = BufferManager(100_000, 1 << 30)
+    task = asyncio.create_task(writer.run(buf))
+    for i in range(n):
+        buf.put([b"r%d" % i], 2, key=_key(i))
+    buf.close()
+    await asyncio.wait_for(task, 30)
+
+
+def _keys_on_disk(directory: Path) -> list[tuple[int, list[int]]]:
+    out = []
+    for path in segment_format.list_segments(directory):
+        with segment_format.SegmentImage(path) as seg:
+            for item in seg.batches():
+                assert isinstance(item, segment_format.Batch)
+                out.append((seg.flags, [k.key[0] for k in item.keys]))
+    return out
+
+
+async def test_keys_go_with_the_batch_of_their_records(tmp_path: Path, crypto: CryptoService) -> None:
+    writer = make_writer(tmp_path, crypto, keyed=True, batch_size=4)
+    writer.open()
+    await _write_keyed(writer, 10)
+    writer.close()
+    keyed = segment_format.FLAG_KEYED
+    assert _keys_on_disk(tmp_path) == [(keyed, [0, 1, 2, 3]), (keyed, [4, 5, 6, 7]), (keyed, [8, 9])]
+    assert [r for _, r in read_all(tmp_path, crypto)] == [b"r%d" % i for i in range(10)]
+
+
+async def test_a_keyed_writer_never_appends_to_an_unflagged_segment(tmp_path: Path, crypto: CryptoService) -> None:
+    plain = make_writer(tmp_path, crypto)
+    plain.open()
+    await write_records(plain, [b"old"])
+    plain.close()
+    keyed = make_writer(tmp_path, crypto, keyed=True)
+    keyed.open()
+    await _write_keyed(keyed, 1)
+    keyed.close()
+    assert _keys_on_disk(tmp_path) == [(0, []), (segment_format.FLAG_KEYED, [0])]
+    assert [r for _, r in read_all(tmp_path, crypto)] == [b"old", b"r0"]
+
+
+@pytest.mark.parametrize("torn", [0, 12, 15], ids=lambda n: f"header-{n}-bytes")
+async def test_a_torn_or_empty_unflagged_tail_is_started_over_keyed(tmp_path: Path, crypto: CryptoService,
+                                                                     torn: int) -> None:
+    """A header-only (or torn keyed header) newest segment holds no batch: the keyed writer replaces it."""
+    header = segment_format.file_header_bytes(segment_format.FLAG_KEYED)[:torn] if torn else \
+        segment_format.FILE_HEADER_BYTES
+    (tmp_path / segment_format.segment_name("w0", 0)).write_bytes(header)
+    writer = make_writer(tmp_path, crypto, keyed=True)
+    writer.open()
+    await _write_keyed(writer, 2)
+    writer.close()
+    assert _keys_on_disk(tmp_path) == [(segment_format.FLAG_KEYED, [0, 1])]

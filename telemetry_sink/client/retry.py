@@ -9,10 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-# 408: the body did not reach the server in time; 429: rate limited; 503: buffer full, shutting down or the
-# disk failing; 507: disk full; 502/504: a proxy in between lost the server. Nothing was stored for any of
-# them, and the batch's Idempotency-Key makes a retry safe even when an answer was lost after all.
-RETRY_STATUSES = frozenset({408, 429, 502, 503, 504, 507})
+# 408: the body did not reach the server in time; 409: an earlier attempt with the same Idempotency-Key is
+# still being processed (its answer was lost or timed out; the retry gets that answer once it is given);
+# 429: rate limited; 503: buffer full, shutting down or the disk failing; 507: disk full; 502/504: a proxy
+# in between lost the server. Nothing was stored for any of them, and the batch's Idempotency-Key makes a
+# retry safe even when an answer was lost after all.
+RETRY_STATUSES = frozenset({408, 409, 429, 502, 503, 504, 507})
 
 
 class Outcome(enum.Enum):
