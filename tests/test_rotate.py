@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,10 +69,26 @@ def test_rotate_key_killed_midway_leaves_every_segment_readable(rotated_setup: t
     expected = sorted(Fernet(old).decrypt(t) for _, t in tokens(data))
     env = clean_env()
     interrupted = 0
-    for delay in (0.15, 0.3, 0.45, 0.6, 0.8):  # different points of the run
+
+    def inodes() -> dict[str, int]:
+        out = {}
+        for path in data.glob("*.tslog"):
+            with contextlib.suppress(FileNotFoundError):  # being renamed over right now
+                out[path.name] = path.stat().st_ino
+        return out
+
+    for _ in range(5):
+        # Killed just after the run has replaced a segment (a rename gives it a new inode): midway,
+        # however fast the rotation is, not at a guessed moment.
+        before = inodes()
         proc = subprocess.Popen([sys.executable, "-m", "telemetry_sink", "rotate-key", "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(delay)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            now = inodes()
+            if any(now.get(name, ino) != ino for name, ino in before.items()):
+                break
+            time.sleep(0.0005)
         proc.send_signal(signal.SIGKILL)
         interrupted += proc.wait() == -signal.SIGKILL
         crypto = CryptoService.from_key_file(tmp_path / "keys")
