@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from . import __version__
 from .auth import TokenTable
-from .ingest_http import ASGIApp, IngestHandler, Receive, Scope, Send
+from .ingest_http import IngestHandler, Receive, Scope, Send
 from .metrics import SinkCollector
 from .service import TelemetryService
 from .speedups import IMPLEMENTATION
@@ -34,6 +34,7 @@ class IngestFastPath:
     """Outermost ASGI app: POST /telemetry goes straight to the handler, the rest to FastAPI."""
 
     def __init__(self, api: FastAPI, handler: IngestHandler) -> None:
+        """`handler` is also what the protocol's fast lane calls (serve.build_app)."""
         self.api = api
         self.handler = handler
 
@@ -144,7 +145,7 @@ def create_app(
     *,
     tokens: TokenTable | None = None,
     registry: CollectorRegistry | None = None,
-) -> ASGIApp:
+) -> IngestFastPath:
     """Build the ASGI app; its lifespan starts the writer task and drains it on shutdown."""
     registry = registry if registry is not None else CollectorRegistry()
     registry.register(SinkCollector(service.metrics_snapshot))

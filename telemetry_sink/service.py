@@ -19,7 +19,7 @@ from .crypto import CryptoService
 from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
 from .metrics import Snapshot, WriterMetrics
 from .rate_limiter import RateLimited, RateLimiter
-from .records import check_permissions, encode_records, parse_body
+from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, parse_body
 from .segment_format import list_segments
 from .segment_writer import SegmentWriter
 
@@ -52,18 +52,26 @@ class TelemetryService:
         wall_clock: Callable[[], float] = time.time,
         durable: bool = False,
         high_water_percent: int = 90,
+        max_records_per_request: int = DEFAULT_MAX_RECORDS,
     ) -> None:
         self.rate_limiter = rate_limiter
         self.buffer = buffer
         self.writer = writer
         self.durable = durable
         self.high_water_percent = high_water_percent
+        self.max_records_per_request = max_records_per_request
         self.closing = False
         self.writer_failure: str | None = None  # why the writer stopped for good, if it did
         self.stats = IngestStats()
         self._wall_clock = wall_clock
         self._writer_task: asyncio.Task[None] | None = None
         self.shipper: Shipper | None = None  # set by serve when [ship] destination is set
+
+    @property
+    def can_decide_now(self) -> bool:
+        """Whether every request can be answered without waiting (no durable acks, no delay-mode
+        rate limit): then `ingest_now` may be used instead of `ingest`."""
+        return not self.durable and not (self.rate_limiter.enabled and self.rate_limiter.mode == "delay")
 
     async def ingest(
         self,
@@ -78,6 +86,37 @@ class TelemetryService:
         `principal` (when auth is on) limits which node_ids may be written; per-node rate
         limits are keyed by the principal, else by `client_key` (the client address).
         """
+        received_at, wait = self._admit(len(body), wire_bytes, principal, client_key)
+        if wait > 0.0:
+            await asyncio.sleep(wait)
+        accepted, ack = self._store(body, fmt, principal, received_at)
+        if ack is not None:
+            try:
+                await ack
+            except OSError as exc:
+                raise storage_error(exc.errno, f"{exc.__class__.__name__}: {exc.strerror or exc}") from None
+            except Exception as exc:  # the writer died: nothing of this request is stored
+                raise IngestError(503, "write_failed", f"the writer stopped ({exc})",
+                                  retry_after_s=WRITE_FAILED_RETRY_S) from None
+        return accepted
+
+    def ingest_now(
+        self,
+        body: bytes,
+        fmt: str,
+        wire_bytes: int | None = None,
+        principal: Principal | None = None,
+        client_key: str | None = None,
+    ) -> int:
+        """`ingest` without awaiting, for when `can_decide_now`: the same rules in the same order."""
+        if not self.can_decide_now:
+            raise RuntimeError("ingest_now needs buffered acks and no delay-mode rate limit")
+        received_at, _ = self._admit(len(body), wire_bytes, principal, client_key)
+        return self._store(body, fmt, principal, received_at)[0]
+
+    def _admit(self, body_bytes: int, wire_bytes: int | None, principal: Principal | None,
+               client_key: str | None) -> tuple[float, float]:
+        """The checks before any parsing, and the rate limit: return (receive time, delay)."""
         if self.closing:
             raise shutting_down()
         if self.writer_failure is not None:
@@ -94,15 +133,20 @@ class TelemetryService:
             raise storage_error(stats.last_errno, stats.last_error)
         received_at = self._wall_clock()
         node_key = principal.key if principal is not None else client_key
+        # Charge what is processed: the inflated body when it is larger than the wire bytes.
+        cost = body_bytes if wire_bytes is None else max(body_bytes, wire_bytes)
         try:
-            wait = self.rate_limiter.admit(len(body) if wire_bytes is None else wire_bytes, node_key)
+            wait = self.rate_limiter.admit(cost, node_key)
         except RateLimited as exc:
             which = "per-node" if exc.per_node else "global"
             raise IngestError(429, "rate_limited", f"the {which} rate limit is exceeded",
                               retry_after_s=exc.retry_after) from None
-        if wait > 0.0:
-            await asyncio.sleep(wait)
-        values = parse_body(body, fmt)
+        return received_at, wait
+
+    def _store(self, body: bytes, fmt: str, principal: Principal | None,
+               received_at: float) -> tuple[int, asyncio.Future[None] | None]:
+        """Parse, validate and buffer the records: return their count and the durable ack (or None)."""
+        values = parse_body(body, fmt, self.max_records_per_request)
         plaintexts, nbytes = encode_records(values, received_at)
         if principal is not None:
             check_permissions(values, principal)
@@ -112,15 +156,7 @@ class TelemetryService:
             raise buffer_full() from None
         except BufferClosed:
             raise shutting_down() from None
-        if ack is not None:
-            try:
-                await ack
-            except OSError as exc:
-                raise storage_error(exc.errno, f"{exc.__class__.__name__}: {exc.strerror or exc}") from None
-            except Exception as exc:  # the writer died: nothing of this request is stored
-                raise IngestError(503, "write_failed", f"the writer stopped ({exc})",
-                                  retry_after_s=WRITE_FAILED_RETRY_S) from None
-        return len(plaintexts)
+        return len(plaintexts), ack
 
     @classmethod
     def from_config(cls, config: Config, crypto: CryptoService, workers: int = 1,
@@ -142,6 +178,7 @@ class TelemetryService:
             writer,
             durable=durable,
             high_water_percent=config.buffer.high_water_percent,
+            max_records_per_request=config.ingest.max_records_per_request,
         )
 
     # -- what the adapter asks --
