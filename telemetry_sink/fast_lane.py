@@ -107,6 +107,9 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
     def _answer(self, fast: _FastRequest, answer: Answer) -> None:
         fast.answered = True
         status, headers, body = answer
+        handler = self.handler
+        assert handler is not None
+        handler.service.stats.fast_lane_requests += 1
         transport = self.transport
         if transport.is_closing():
             return

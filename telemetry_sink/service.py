@@ -38,6 +38,7 @@ class IngestStats:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     records_accepted: int = 0
     bytes_received: int = 0
+    fast_lane_requests: int = 0  # answered below ASGI (telemetry_sink.fast_lane)
 
 
 
@@ -245,6 +246,7 @@ class TelemetryService:
             segments=segments,
             segment_bytes=segment_bytes,
             segments_deleted=wstats.segments_deleted,
+            fast_lane_requests=stats.fast_lane_requests,
             gauges={"rate_limit_node_buckets": self.rate_limiter.node_buckets,
                     "buffer_max_records": self.buffer.max_records, "buffer_max_bytes": self.buffer.max_bytes},
         )
