@@ -1,13 +1,15 @@
 """The fast lane: POST /telemetry answered by the HTTP protocol itself, below ASGI.
 
 When a request can be decided without waiting (`TelemetryService.can_decide_now`: buffered
-acks, no delay-mode rate limit) and nothing earlier on the connection is still being answered,
+acks, no delay-mode rate limit), its body is small and plain (Content-Length up to 64 KiB, no
+gzip: a single record to a few hundred) and nothing earlier on the connection is still being answered,
 the protocol collects the body as the parser delivers it, calls the same `IngestHandler` checks
 and the service's synchronous entry point when the message is complete, and writes the answer's
 bytes straight to the transport: no task, no ASGI messages, no receive/send coroutines. Every
-other request (other routes, a query string, durable acks, delay mode, an upgrade, a request
-pipelined behind one still on ASGI) goes through uvicorn and the ASGI app as before, so the
-contract has one implementation and this module only changes how the bytes move.
+other request (other routes, a query string, durable acks, delay mode, an upgrade, a large,
+gzip or chunked body, a request pipelined behind one still on ASGI) goes through uvicorn and the
+ASGI app as before, so the contract has one implementation and this module only changes how the
+bytes move.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ from .ingest_http import CLOSE_AFTER, Answer, IngestHandler, IngestHead, body_to
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PATH = b"/telemetry"
+# Larger bodies, gzip and chunked ones (size unknown up front) take ASGI, where the service works
+# through big bodies in slices that yield to other connections (TelemetryService.ingest).
+FAST_LANE_MAX_BODY = 65536
+
+
+def _small_plain_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A Content-Length up to FAST_LANE_MAX_BODY and no Content-Encoding / Transfer-Encoding."""
+    small = False
+    for name, value in headers:
+        if name == b"content-length":
+            small = value.isdigit() and int(value) <= FAST_LANE_MAX_BODY
+        elif name == b"content-encoding" or name == b"transfer-encoding":
+            return False
+    return small
 
 
 class _FastRequest:
@@ -55,7 +71,8 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
         if self._broken or self.transport.is_closing():
             return  # the rest of a read after an answer that closes: nothing more is taken
         if (handler is None or self.url != _PATH or parser.get_method() != b"POST" or self.busy()
-                or not handler.service.can_decide_now or parser.should_upgrade()):
+                or not handler.service.can_decide_now or parser.should_upgrade()
+                or not _small_plain_body(self.headers)):
             super().on_headers_complete()
             return
         self.body_started()
@@ -129,8 +146,7 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
             self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope), "POST", "/telemetry",
                                     fast.http_version, status)
         if close:
-            self._broken = True
-            transport.close()
+            self.linger_close()
         elif self.flow.write_paused:
             self.flow.pause_reading()  # the client does not read its answers: stop taking requests
 

@@ -22,6 +22,7 @@ from uvicorn.server import ServerState
 log = logging.getLogger("telemetry_sink.http")
 
 SWEEP_INTERVAL_S = 0.25
+LINGER_S = 2.0  # after an answer that closes: how long the rest of the request is read and dropped
 
 
 def error_bytes(status: str, error: str, detail: str) -> bytes:
@@ -157,8 +158,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
         elif self._pending_error is not None:
-            self.transport.write(self._pending_error)
-            self.transport.close()
+            self.close_with(self._pending_error)
         else:
             self.keep_alive_started()
 
@@ -187,8 +187,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         if not self.transport.is_closing():
+            self.close_with(answer)
+
+    def close_with(self, answer: bytes) -> None:
+        """Write `answer` and close (lingering, so that it arrives); no answer: close at once."""
+        if answer:
             self.transport.write(answer)
+            self.linger_close()
+        else:
+            self._broken = True
             self.transport.close()
+
+    def linger_close(self) -> None:
+        """Close after an answer while the client may still be sending: half-close and drop what
+        arrives for up to LINGER_S, so that the answer is not lost to a reset (closing with unread
+        input makes the kernel send RST, and the client may discard the answer)."""
+        self._broken = True
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not transport.can_write_eof():  # TLS
+            transport.close()
+            return
+        transport.write_eof()
+        self._deadline = self.loop.time() + LINGER_S
+        self.flow.resume_reading()
 
     def send_400_response(self, msg: str) -> None:
         self.fail(INVALID_400)
@@ -196,7 +219,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def deadline_passed(self) -> None:
         """Cut the connection off: with a 408 if the body is late and no answer has started."""
         self._deadline = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._broken:  # a lingering close ends here
+            self.transport.close()
             return
         if self.body_is_late():
             self.on_timeout()

@@ -4,6 +4,7 @@ check a token's right to write each record's node_id."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -25,33 +26,49 @@ def _too_many(limit: int) -> IngestError:
 def parse_body(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS) -> list[Any]:
     """Decode a JSON (object or array of objects) or NDJSON body into a list of values, refusing
     more than `max_records` (NDJSON lines are counted before any is parsed)."""
+    return [value for piece in parse_slices(body, fmt, max_records) for value in piece]
+
+
+def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
+                 slice_records: int = 0) -> Iterator[list[Any]]:
+    """parse_body in pieces of `slice_records` NDJSON lines (0: one piece), so that a caller can
+    yield to others between them; a JSON document is always one piece (one C call)."""
     if fmt == "ndjson":
         # A C-speed count bounds the per-line work before it starts (blank lines count too).
         if body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
             raise _too_many(max_records)
-        values: list[Any] = []
-        for lineno, line in enumerate(body.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                values.append(orjson.loads(line))
-            except orjson.JSONDecodeError as exc:
-                raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
-        if not values:
-            raise _invalid(0, "the body holds no records")
-        return values
+        lines = body.split(b"\n")
+        step = slice_records or len(lines)
+        seen = 0
+        loads = orjson.loads
+        for start in range(0, len(lines), step):
+            values: list[Any] = []
+            for lineno, line in enumerate(lines[start:start + step], start + 1):
+                if not line.strip():
+                    continue
+                try:
+                    values.append(loads(line))
+                except orjson.JSONDecodeError as exc:
+                    raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
+            seen += len(values)
+            if start + step >= len(lines) and not seen:
+                raise _invalid(0, "the body holds no records")
+            yield values
+        return
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise IngestError(400, "invalid_json", str(exc)) from None
     if type(doc) is dict:
-        return [doc]
+        yield [doc]
+        return
     if type(doc) is list:
         if not doc:
             raise _invalid(0, "the array holds no records")
         if len(doc) > max_records:
             raise _too_many(max_records)
-        return doc
+        yield doc
+        return
     raise _invalid(0, f"the body must be a JSON object or an array of objects, not {_json_type(doc)}")
 
 
@@ -61,9 +78,10 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], int]:
-    """Validate every record (all or nothing), add missing `ts`, return plaintexts and their size."""
-    for index, record in enumerate(values):
+def encode_records(values: list[Any], received_at: float, first_index: int = 0) -> tuple[list[bytes], int]:
+    """Validate every record (all or nothing), add missing `ts`, return plaintexts and their size.
+    `first_index` is the first record's index in the request (errors name the request's index)."""
+    for index, record in enumerate(values, first_index):
         if type(record) is not dict:
             raise _invalid(index, f"a record must be a JSON object, not {_json_type(record)}")
         node_id = record.get("node_id")
@@ -86,7 +104,7 @@ def encode_records(values: list[Any], received_at: float) -> tuple[list[bytes], 
         plaintexts = [bytes(memoryview(dumps(r))) for r in values]
     except orjson.JSONEncodeError:
         # orjson parses deeper nesting than it will serialise: name the record, no 500.
-        for index, record in enumerate(values):
+        for index, record in enumerate(values, first_index):
             try:
                 dumps(record)
             except orjson.JSONEncodeError as exc:

@@ -19,7 +19,7 @@ from .crypto import CryptoService
 from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
 from .metrics import Snapshot, WriterMetrics
 from .rate_limiter import RateLimited, RateLimiter
-from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, parse_body
+from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, parse_body, parse_slices
 from .segment_format import list_segments
 from .segment_writer import SegmentWriter
 
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 from .speedups import IMPLEMENTATION
 
 log = logging.getLogger("telemetry_sink.service")
+# Bodies larger than this are parsed and encoded in slices of SLICE_RECORDS records that yield to
+# the event loop (~1-2 ms of work each), so no request holds it for long.
+SLICE_BODY_BYTES = 65536
+SLICE_RECORDS = 200
 
 
 @dataclass
@@ -90,7 +94,10 @@ class TelemetryService:
         received_at, wait = self._admit(len(body), wire_bytes, principal, client_key)
         if wait > 0.0:
             await asyncio.sleep(wait)
-        accepted, ack = self._store(body, fmt, principal, received_at)
+        if len(body) > SLICE_BODY_BYTES:
+            accepted, ack = await self._store_yielding(body, fmt, principal, received_at)
+        else:
+            accepted, ack = self._store(body, fmt, principal, received_at)
         if ack is not None:
             try:
                 await ack
@@ -149,6 +156,29 @@ class TelemetryService:
         """Parse, validate and buffer the records: return their count and the durable ack (or None)."""
         values = parse_body(body, fmt, self.max_records_per_request)
         plaintexts, nbytes = encode_records(values, received_at)
+        return self._buffer(values, plaintexts, nbytes, principal)
+
+    async def _store_yielding(self, body: bytes, fmt: str, principal: Principal | None,
+                              received_at: float) -> tuple[int, asyncio.Future[None] | None]:
+        """`_store` for a large body: the same steps in slices of SLICE_RECORDS, yielding to the
+        event loop between them (a few ms each, however large the body), all or nothing."""
+        values: list[Any] = []
+        for piece in parse_slices(body, fmt, self.max_records_per_request, SLICE_RECORDS):
+            values.extend(piece)
+            await asyncio.sleep(0)
+        plaintexts: list[bytes] = []
+        nbytes = 0
+        for start in range(0, len(values), SLICE_RECORDS):
+            piece_texts, piece_bytes = encode_records(values[start:start + SLICE_RECORDS], received_at, start)
+            plaintexts += piece_texts
+            nbytes += piece_bytes
+            await asyncio.sleep(0)
+        if self.closing:
+            raise shutting_down()
+        return self._buffer(values, plaintexts, nbytes, principal)
+
+    def _buffer(self, values: list[Any], plaintexts: list[bytes], nbytes: int,
+                principal: Principal | None) -> tuple[int, asyncio.Future[None] | None]:
         if principal is not None:
             check_permissions(values, principal)
         try:
