@@ -7,7 +7,7 @@ Servers are alternated within each round (one at a time, 64 wrk connections, 1 s
 figure is the median over the rounds. Single ~150 B records: req/s. 100-record arrays: accepted
 records/s (202, or Fluent Bit's 201) and the share of 503s; after each run the server is stopped
 and the records on disk are compared with the acknowledgements. Also the idle RSS (after start-up
-and one request) and the peak RSS under load. Writes `<date>-fast-lane.json`, `.md` and `.png`
+before any request) and the peak RSS under load. Writes `<date>-fast-lane.json`, `.md` and `.png`
 (matplotlib, from the `bench` extra; skipped without it). The machine is shared: only the ratios
 within one run mean anything.
 """
@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
@@ -43,9 +41,8 @@ def start(kind: str, workdir: Path) -> harness.Server:
 def one_point(kind: str, body: harness.Payload, seconds: float, workdir: Path) -> dict[str, Any]:
     server = start(kind, workdir)
     try:
-        httpx.post(server.url + "/telemetry", content=body.body, headers={"content-type": body.content_type})
         time.sleep(0.5)
-        idle = harness.rss_mib(server.pid)
+        idle = harness.rss_mib(server.pid)  # after start-up, before any request
         point, runs = harness.measure(server, body, seconds)
         server.stop()
     finally:
