@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
+import uvloop
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
@@ -47,6 +49,21 @@ def _ignore() -> None:
 # with it): a new server, or the same one on a new loop, always starts its own sweep, so no
 # connection's deadline goes unchecked.
 _sweeps: weakref.WeakKeyDictionary[ServerState, asyncio.AbstractEventLoop] = weakref.WeakKeyDictionary()
+# TLS connections accepted whose handshake has not finished, per server: id(protocol) -> accept
+# time. uvloop creates the protocol at accept but tells it nothing until the handshake is done
+# (nor when it fails), so entries also expire after the handshake deadline.
+_handshakes: weakref.WeakKeyDictionary[ServerState, dict[int, float]] = weakref.WeakKeyDictionary()
+
+
+class GuardedLoop(uvloop.Loop):
+    """uvloop, with TLS handshakes cut off at the head deadline (`header_timeout_s`): uvicorn
+    cannot pass `ssl_handshake_timeout`, whose default (60 s) let silent clients hold
+    connections. serve.py names this class as uvicorn's loop factory."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.AbstractServer:  # type: ignore[override]
+        if kwargs.get("ssl") is not None:
+            kwargs["ssl_handshake_timeout"] = GuardedHttpToolsProtocol.header_timeout_s
+        return await super().create_server(*args, **kwargs)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -54,7 +71,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     a connection limit (excess connections are closed at once), a deadline in every phase (the
     head, the body: 408 then close, and keep-alive: so a stray CRLF cannot hold a connection), a
     limit on the head's size counted as bytes arrive (414/431, close), and error answers that
-    wait for the answers to the requests before them.
+    wait for the answers to the requests before them. TLS connections count against the limit
+    from the moment they are accepted, and their handshake has the head deadline (GuardedLoop).
 
     Deadlines are plain timestamps checked by one sweep per server every 0.25 s, not timers
     per request: with per-request timers the single-record rate was 17 % lower
@@ -75,9 +93,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _pending_error: bytes | None = None  # to write, then close, once the earlier answers are out
     _broken = False  # the parser failed: nothing more is read
 
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        if config.is_ssl:  # accepted, handshake to come: it counts against max_connections already
+            pending = _handshakes.setdefault(server_state, {})
+            pending[id(self)] = self.loop.time()
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        pending = _handshakes.get(self.server_state)
+        handshaking = 0
+        if pending is not None:
+            pending.pop(id(self), None)
+            handshaking = len(pending)
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) + handshaking > self.max_connections:
             log.warning("connection limit (%d) reached: closing a new connection", self.max_connections)
             transport.close()
             return
@@ -235,6 +265,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 def _sweep(loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
     now = loop.time()
+    pending = _handshakes.get(state)
+    if pending:  # handshakes past their deadline were aborted by the loop (GuardedLoop)
+        expired = now - GuardedHttpToolsProtocol.header_timeout_s
+        for key in [k for k, accepted in pending.items() if accepted < expired]:
+            del pending[key]
     conn: Any
     for conn in list(state.connections):
         deadline = getattr(conn, "_deadline", None)

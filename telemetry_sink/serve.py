@@ -145,7 +145,7 @@ def _uvicorn_options(config: Config, access_log: bool, log_level: str, log_confi
         if tls_path is not None and not tls_path.is_file():
             raise ServeError(f"[server] {name}: {tls_path} does not exist")
     options: dict[str, Any] = dict(
-        host=srv.host, port=srv.port, loop="uvloop", http=FastLaneProtocol, lifespan="on",
+        host=srv.host, port=srv.port, loop="telemetry_sink.guard:GuardedLoop", http=FastLaneProtocol, lifespan="on",
         access_log=access_log, log_level=log_level, log_config=log_config,
         timeout_graceful_shutdown=srv.shutdown_timeout_s, timeout_keep_alive=srv.keep_alive_s,
     )
