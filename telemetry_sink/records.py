@@ -12,10 +12,10 @@ import orjson
 from .auth import Principal
 from .errors import IngestError
 from .errors import invalid_record as _invalid
+from .speedups import check_records, dump_records
 
 MAX_NODE_ID_CHARS = 128
 DEFAULT_MAX_RECORDS = 10_000  # [ingest] max_records_per_request
-_MISSING = object()
 
 
 def _too_many(limit: int) -> IngestError:
@@ -80,37 +80,39 @@ def _json_type(value: object) -> str:
 
 def encode_records(values: list[Any], received_at: float, first_index: int = 0) -> tuple[list[bytes], int]:
     """Validate every record (all or nothing), add missing `ts`, return plaintexts and their size.
-    `first_index` is the first record's index in the request (errors name the request's index)."""
-    for index, record in enumerate(values, first_index):
-        if type(record) is not dict:
-            raise _invalid(index, f"a record must be a JSON object, not {_json_type(record)}")
-        node_id = record.get("node_id")
-        if type(node_id) is not str:
-            if node_id is None and "node_id" not in record:
-                raise _invalid(index, "node_id is missing")
-            raise _invalid(index, f"node_id must be a string, not {_json_type(node_id)}")
-        if not 0 < len(node_id) <= MAX_NODE_ID_CHARS:
-            raise _invalid(index, f"node_id must be 1 to {MAX_NODE_ID_CHARS} characters, not {len(node_id)}")
-        ts = record.get("ts", _MISSING)
-        if ts is _MISSING:
-            record["ts"] = received_at
-        elif type(ts) is not float and type(ts) is not int:
-            raise _invalid(index, f"ts must be a number (Unix seconds), not {_json_type(ts)}")
-    dumps = orjson.dumps
+    `first_index` is the first record's index in the request (errors name the request's index).
+
+    The per-record loop (validation, then one orjson.dumps of the list split into exact-size
+    records) is compiled (`speedups.check_records` / `dump_records`); this module words the
+    error for the first invalid record."""
+    bad = check_records(values, received_at, MAX_NODE_ID_CHARS)
+    if bad >= 0:
+        raise _why_invalid(values[bad], bad + first_index)
     try:
-        # orjson returns each result in an oversized allocation (about 4 KiB for a 150-byte
-        # record) that it never shrinks: copying to an exact-size bytes keeps a full buffer at
-        # ~20 MiB instead of ~400 MiB, and is faster too (the big block is reused at once).
-        plaintexts = [bytes(memoryview(dumps(r))) for r in values]
+        plaintexts = dump_records(values)
     except orjson.JSONEncodeError:
         # orjson parses deeper nesting than it will serialise: name the record, no 500.
         for index, record in enumerate(values, first_index):
             try:
-                dumps(record)
+                orjson.dumps(record)
             except orjson.JSONEncodeError as exc:
                 raise _invalid(index, f"the record cannot be stored: {exc}") from None
         raise
     return plaintexts, sum(map(len, plaintexts))
+
+
+def _why_invalid(record: Any, index: int) -> IngestError:
+    """The 422 for a record check_records refused."""
+    if type(record) is not dict:
+        return _invalid(index, f"a record must be a JSON object, not {_json_type(record)}")
+    node_id = record.get("node_id")
+    if type(node_id) is not str:
+        if node_id is None and "node_id" not in record:
+            return _invalid(index, "node_id is missing")
+        return _invalid(index, f"node_id must be a string, not {_json_type(node_id)}")
+    if not 0 < len(node_id) <= MAX_NODE_ID_CHARS:
+        return _invalid(index, f"node_id must be 1 to {MAX_NODE_ID_CHARS} characters, not {len(node_id)}")
+    return _invalid(index, f"ts must be a number (Unix seconds), not {_json_type(record.get('ts'))}")
 
 
 def check_permissions(values: list[Any], principal: Principal) -> None:
