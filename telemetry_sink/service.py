@@ -108,14 +108,8 @@ class TelemetryService:
                                   retry_after_s=WRITE_FAILED_RETRY_S) from None
         return accepted
 
-    def ingest_now(
-        self,
-        body: bytes,
-        fmt: str,
-        wire_bytes: int | None = None,
-        principal: Principal | None = None,
-        client_key: str | None = None,
-    ) -> int:
+    def ingest_now(self, body: bytes, fmt: str, wire_bytes: int | None = None, principal: Principal | None = None,
+                   client_key: str | None = None) -> int:
         """`ingest` without awaiting, for when `can_decide_now`: the same rules in the same order."""
         if not self.can_decide_now:
             raise RuntimeError("ingest_now needs buffered acks and no delay-mode rate limit")
