@@ -21,7 +21,7 @@ from uvicorn.protocols.utils import get_client_addr
 
 from .errors import IngestError
 from .guard import GuardedHttpToolsProtocol
-from .ingest_http import CLOSE_AFTER, Answer, IngestHandler, IngestHead, body_too_large
+from .ingest_http import CLOSE_AFTER, JSON_HEADERS, Answer, IngestHandler, IngestHead, body_too_large
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PATH = b"/telemetry"
@@ -137,7 +137,7 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
         if transport.is_closing():
             return
         close = not fast.keep_alive or status in CLOSE_AFTER
-        if status == 202 and not close:
+        if status == 202 and not close and headers is JSON_HEADERS:  # the plain 202: prebuilt head
             transport.write(b"%s%d\r\n\r\n%s" % (self._prefix_202(), len(body), body))
         else:
             out = [STATUS_LINE[status]]

@@ -32,7 +32,7 @@ MEDIA_TYPES = {
 }
 ENCODINGS = (b"identity", b"gzip", b"x-gzip")
 _MEDIA_TYPE_DETAIL = "Content-Type must be application/json or application/x-ndjson"
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
 _REPLAYED = (b"idempotent-replayed", b"true")
 # Statuses after which the rest of the request body may still be in flight: close the
 # connection rather than keep reading (or trusting) it.
@@ -83,7 +83,7 @@ Answer = tuple[int, Headers, bytes]  # status, headers (without content-length),
 
 def telemetry_accepted(fmt: str, accepted: int) -> Answer:
     """POST /telemetry's success: 202 {"accepted": n}."""
-    return 202, _JSON_HEADERS, b'{"accepted":%d}' % accepted
+    return 202, JSON_HEADERS, b'{"accepted":%d}' % accepted
 
 
 @dataclass(slots=True)
@@ -162,8 +162,8 @@ class IngestHandler:
         if not isinstance(exc, IngestError):
             log.error("unexpected error while ingesting", exc_info=exc)
             self.service.count_response(500, "internal_error")
-            return 500, _JSON_HEADERS, b'{"error":"internal_error","detail":"see the server log"}'
-        headers = list(_JSON_HEADERS)
+            return 500, JSON_HEADERS, b'{"error":"internal_error","detail":"see the server log"}'
+        headers = list(JSON_HEADERS)
         if exc.retry_after_s is not None:
             headers.append((b"retry-after", retry_after_header(exc.retry_after_s)))
         if exc.headers:
