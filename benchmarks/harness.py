@@ -32,6 +32,7 @@ from telemetry_sink.testing import (
     ServerProcess,
     best_of,
     clean_env,
+    free_port,
     merge_config,
     tcp_sockets,
     write_config,
@@ -324,6 +325,43 @@ def start_reference(kind: str, workdir: Path) -> Server:
     return server
 
 
+# -- Fluent Bit 5.1.1, the C peer (/work/shared/peers/fluent-bit/README.md) --
+
+FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", "/work/shared/peers/fluent-bit/fluent-bit"))
+_FLUENT_BIT_CONF = """[SERVICE]
+    Flush        1
+    Grace        30
+    Log_Level    warn
+[INPUT]
+    Name         http
+    Listen       127.0.0.1
+    Port         {port}
+    storage.type memory
+[OUTPUT]
+    Name   file
+    Match  *
+    Path   {out_dir}
+    File   out.log
+    Format plain
+"""
+
+
+def start_fluent_bit(workdir: Path) -> Server:
+    """Fluent Bit's in_http -> out_file (one JSON record a line; it does not encrypt). It answers 201;
+    `data_dir` is its output file, counted after stop() like the naive app's."""
+    if not FLUENT_BIT.is_file():
+        raise RuntimeError(f"Fluent Bit not found at {FLUENT_BIT} (set FLUENT_BIT=PATH)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()  # Fluent Bit cannot report a port it picked (see Server.reported_address)
+    out_dir = workdir / f"fluentbit-{port}"
+    out_dir.mkdir()
+    conf = workdir / f"fluentbit-{port}.conf"
+    conf.write_text(_FLUENT_BIT_CONF.format(port=port, out_dir=out_dir))
+    server = Server("fluentbit", [str(FLUENT_BIT), "-c", str(conf)], workdir, data_dir=out_dir / "out.log")
+    server.wait_ready()
+    return server
+
+
 # -- wrk --
 
 
@@ -481,7 +519,7 @@ def check_log(server: Server, runs: list[WrkResult], records_per_request: int,
     slack = len(runs) * connections * records_per_request
     if server.kind == "raw":
         return None, "n/a (stores nothing)"
-    if server.kind == "naive":
+    if server.kind in ("naive", "fluentbit"):
         assert server.data_dir is not None
         logged = count_naive_lines(server.data_dir)
         decrypted = 0

@@ -2,6 +2,7 @@
 documentation are in `_protocols.py`, which the pure-Python twin satisfies too."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from _typeshed import ReadableBuffer
 
@@ -32,3 +33,6 @@ class BatchDecryptor:
                 now: int | None = None) -> list[bytes | None]: ...
     def decrypt_keyed(self, tokens: Sequence[bytes], ttl: int | None = None,
                       now: int | None = None) -> tuple[list[bytes | None], list[int]]: ...
+
+def check_records(values: list[Any], received_at: float, max_node_id_chars: int) -> int: ...
+def dump_records(values: list[Any]) -> list[bytes]: ...

@@ -6,6 +6,8 @@ Needs OpenSSL >= 3.0 (libcrypto: RAND_bytes, EVP cipher, EVP_MAC) and zlib (crc3
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uint32_t, uint64_t
 from libc.math cimport INFINITY
@@ -16,6 +18,10 @@ cimport cython
 
 import operator
 import time
+
+import orjson as _orjson
+
+_dumps = _orjson.dumps
 
 # Refuse to build against OpenSSL 1.x: EVP_MAC and EVP_EncryptInit_ex2 are 3.0 APIs, and
 # a compile error here makes setup.py fall back to the twin with a clear warning.
@@ -894,3 +900,82 @@ cdef class BatchDecryptor:
             free(out)
             free(raw)
             free(tok_array)
+# -- records of one request (records.encode_records) --
+
+
+def check_records(list values, double received_at, Py_ssize_t max_node_id_chars):
+    """Validate each record (a dict; `node_id` a str of 1..max_node_id_chars characters; `ts`
+    an int or float, or absent: then set to `received_at`). Return -1 when all are valid, else
+    the index of the first invalid one (records.py words the error)."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t n = len(values)
+    cdef Py_ssize_t length
+    cdef PyObject *found
+    cdef object record
+    cdef object value
+    cdef object ts = None
+    for i in range(n):
+        record = values[i]
+        if type(record) is not dict:
+            return i
+        found = PyDict_GetItem(record, "node_id")
+        if found is NULL:
+            return i
+        value = <object>found
+        if type(value) is not str:
+            return i
+        length = len(<str>value)
+        if length < 1 or length > max_node_id_chars:
+            return i
+        found = PyDict_GetItem(record, "ts")
+        if found is NULL:
+            if ts is None:
+                ts = received_at
+            PyDict_SetItem(record, "ts", ts)
+        else:
+            value = <object>found
+            if type(value) is not float and type(value) is not int:
+                return i
+    return -1
+
+
+cdef unsigned char _JSON_SPECIAL[256]
+for _c in (34, 123, 125, 91, 93, 44, 92):  # " { } [ ] , \\
+    _JSON_SPECIAL[_c] = 1
+
+
+def dump_records(list values):
+    """orjson.dumps of each record, as exact-size bytes: one dumps of the whole list, split at
+    its top-level commas (orjson's output is compact: no whitespace outside strings)."""
+    cdef bytes blob = _dumps(values)
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(blob)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(blob) - 1  # the closing "]"
+    cdef Py_ssize_t i = 1
+    cdef Py_ssize_t start = 1
+    cdef Py_ssize_t depth = 0
+    cdef bint in_string = False
+    cdef unsigned char c
+    cdef list out = []
+    if n <= 1:  # "[]"
+        return out
+    while i < n:
+        c = s[i]
+        i += 1
+        if not _JSON_SPECIAL[c]:
+            continue
+        if in_string:
+            if c == 92:  # backslash: skip the escaped byte
+                i += 1
+            elif c == 34:
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 123 or c == 91:
+            depth += 1
+        elif c == 125 or c == 93:
+            depth -= 1
+        elif c == 44 and depth == 0:
+            out.append(PyBytes_FromStringAndSize(<const char *>s + start, i - 1 - start))
+            start = i
+    out.append(PyBytes_FromStringAndSize(<const char *>s + start, n - start))
+    return out

@@ -139,6 +139,12 @@ class ServerConfig:
     body_timeout_s: int = key(_positive_int, "30", "the body must arrive within this, else 408 and the "
                               "connection is closed")
     keep_alive_s: int = key(_positive_int, "5", "an idle keep-alive connection is closed after this")
+    max_header_bytes: int = key(_positive_int, "32768", "largest request head (request line and headers), "
+                                "enforced as it arrives: 414 if the URL alone passes it, else 431, and the "
+                                "connection is closed")
+    fast_lane: str = key(str, "on", "`on`: POST /telemetry requests that can be answered without waiting are "
+                         "handled in the HTTP protocol itself, below ASGI; `off`: every request goes through ASGI "
+                         "(same answers, slower; for A/B)", choices=("on", "off"))
     tls_certfile: Path | None = key(_text, "", _TLS_PAIR_DOC, path=True, optional=True)
     tls_keyfile: Path | None = key(_text, "", _TLS_PAIR_DOC, path=True, optional=True)
     tls_client_ca: Path | None = key(_text, "", "PEM CA bundle: require client certificates signed by it "
@@ -148,6 +154,8 @@ class ServerConfig:
 @section
 class IngestConfig:
     max_body_bytes: int = key(_positive_int, "1048576", "largest request body; larger: 413")
+    max_records_per_request: int = key(_positive_int, "10000", "most records in one request, counted before "
+                                       "parsing (NDJSON: lines); more: 413 `too_many_records`")
     ack: str = key(str, "buffered", "`buffered`: 202 once the records are in the memory buffer; `durable`: 202 "
                    "only after they are written and fsynced (see the README's guarantees)", choices=ACK_MODES)
     idempotency_window_s: int = key(_non_negative_int, "3600", "a request repeated with the same "

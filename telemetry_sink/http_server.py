@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from . import __version__, otlp
 from .auth import TokenTable
-from .ingest_http import ASGIApp, IngestHandler, Receive, Scope, Send
+from .ingest_http import IngestHandler, Receive, Scope, Send
 from .metrics import SinkCollector
 from .service import TelemetryService
 from .speedups import IMPLEMENTATION
@@ -35,6 +35,7 @@ class IngestFastPath:
     rest to FastAPI."""
 
     def __init__(self, api: FastAPI, handler: IngestHandler, otlp_handler: IngestHandler | None = None) -> None:
+        """`handler` is also what the protocol's fast lane calls (serve.build_app)."""
         self.api = api
         self.handler = handler
         self.otlp_handler = otlp_handler
@@ -105,10 +106,13 @@ _INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: _response("The token may not write a record's node_id (index names it)", _ERROR_SCHEMA),
     408: _response("The body did not arrive within body_timeout_s", _ERROR_SCHEMA),
     409: _response("A request with the same Idempotency-Key is still in flight", _ERROR_SCHEMA, retry_after=True),
-    413: _response("The body (or its decompressed form) exceeds max_body_bytes", _ERROR_SCHEMA),
+    413: _response("The body (or its decompressed form) exceeds max_body_bytes, or it holds more than "
+                   "max_records_per_request records", _ERROR_SCHEMA),
+    414: _response("The request URL exceeds max_header_bytes", _ERROR_SCHEMA),
     415: _response("Unsupported Content-Type or Content-Encoding", _ERROR_SCHEMA),
     422: _response("A record is invalid (index names the first); nothing was stored", _ERROR_SCHEMA),
     429: _response("The global rate limit is exceeded", _ERROR_SCHEMA, retry_after=True),
+    431: _response("The request head exceeds max_header_bytes", _ERROR_SCHEMA),
     503: _response("The buffer is full, the log cannot be written, or the server is shutting down",
                    _ERROR_SCHEMA, retry_after=True),
     507: _response("The log disk is full; nothing of this request was stored", _ERROR_SCHEMA, retry_after=True),
@@ -171,7 +175,7 @@ def create_app(
     *,
     tokens: TokenTable | None = None,
     registry: CollectorRegistry | None = None,
-) -> ASGIApp:
+) -> IngestFastPath:
     """Build the ASGI app; its lifespan starts the writer task and drains it on shutdown."""
     registry = registry if registry is not None else CollectorRegistry()
     registry.register(SinkCollector(service.metrics_snapshot))

@@ -7,11 +7,12 @@ import logging
 import math
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from .auth import TokenTable
+from .auth import Principal, TokenTable
 from .errors import IngestError, shutting_down
 from .idempotency import Replayed, parse_key
 from .service import TelemetryService
@@ -31,15 +32,20 @@ MEDIA_TYPES = {
 }
 ENCODINGS = (b"identity", b"gzip", b"x-gzip")
 _MEDIA_TYPE_DETAIL = "Content-Type must be application/json or application/x-ndjson"
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
 _REPLAYED = (b"idempotent-replayed", b"true")
 # Statuses after which the rest of the request body may still be in flight: close the
 # connection rather than keep reading (or trusting) it.
-_CLOSE_AFTER = frozenset((401, 408, 413))
+CLOSE_AFTER = frozenset((401, 408, 413))
 
 
 def _error(status: int, error: str, detail: str) -> IngestError:
     return IngestError(status, error, detail)
+
+
+def body_too_large(limit: int) -> IngestError:
+    """413 for a body that grew past `limit` bytes as it arrived."""
+    return _error(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
 
 
 def retry_after_header(seconds: float) -> bytes:
@@ -72,16 +78,29 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
 
 
 Headers = list[tuple[bytes, bytes]]
+Answer = tuple[int, Headers, bytes]  # status, headers (without content-length), body
 
 
-def telemetry_accepted(fmt: str, accepted: int) -> tuple[int, Headers, bytes]:
+def telemetry_accepted(fmt: str, accepted: int) -> Answer:
     """POST /telemetry's success: 202 {"accepted": n}."""
-    return 202, _JSON_HEADERS, b'{"accepted":%d}' % accepted
+    return 202, JSON_HEADERS, b'{"accepted":%d}' % accepted
+
+
+@dataclass(slots=True)
+class IngestHead:
+    """What the request head says about the body (checked before a byte of it is read)."""
+
+    fmt: str
+    encoding: bytes
+    principal: Principal | None
+    idempotency_key: bytes | None = None
 
 
 class IngestHandler:
-    """The ingest ASGI handler: headers, auth, bounded body read, service call, reply. POST /telemetry
-    by default; another route (POST /v1/logs) brings its media types and success answer."""
+    """An ingest route (POST /telemetry by default; POST /v1/logs brings its media types and success
+    answer): the head checks, the body's decoding, the service call and the answers, shared by the
+    ASGI handler (`__call__`) and the protocol's fast lane (`check_head`, `answer_now`), so both
+    lanes follow one implementation of the contract."""
 
     def __init__(
         self,
@@ -91,7 +110,7 @@ class IngestHandler:
         *,
         media_types: Mapping[bytes, str] = MEDIA_TYPES,
         media_type_detail: str = _MEDIA_TYPE_DETAIL,
-        success: Callable[[str, int], tuple[int, Headers, bytes]] = telemetry_accepted,
+        success: Callable[[str, int], Answer] = telemetry_accepted,
     ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
@@ -101,41 +120,67 @@ class IngestHandler:
         self.success = success
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        service = self.service
         try:
-            fmt, accepted = await self._handle(scope, receive)
-        except IngestError as exc:
-            headers = list(_JSON_HEADERS)
-            if exc.retry_after_s is not None:
-                headers.append((b"retry-after", retry_after_header(exc.retry_after_s)))
-            if exc.headers:
-                headers.extend(exc.headers)
-            if exc.status in _CLOSE_AFTER:
-                headers.append((b"connection", b"close"))
-            service.count_response(exc.status, exc.error)
-            await _reply(send, exc.status, orjson.dumps(exc.body()), headers)
+            head = self.check_head(scope["headers"])
+            wire = await _read_body(receive, self.max_body_bytes)
+            client = scope.get("client")
+            accepted = await self.service.ingest(self.decode(head, wire), head.fmt, len(wire), head.principal,
+                                                 client[0] if client else None, head.idempotency_key)
         except _Disconnected:
             return  # the client went away, or the guard answered 408 (and counted it)
-        except Exception:
-            log.exception("unexpected error while ingesting")
-            service.count_response(500, "internal_error")
-            await _reply(send, 500, b'{"error":"internal_error","detail":"see the server log"}', _JSON_HEADERS)
+        except Exception as exc:
+            status, headers, body = self.refusal(exc)
         else:
-            status, headers, body = self.success(fmt, accepted)
-            if isinstance(accepted, Replayed):
-                headers = [*headers, _REPLAYED]  # the first answer again; nothing was stored this time
-            else:
-                service.stats.records_accepted += accepted
-            service.count_response(status)
-            await _reply(send, status, body, headers)
+            status, headers, body = self.accepted(head.fmt, accepted)
+        headers = [*headers, (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[str, int]:
+    def answer_now(self, head: IngestHead, wire: bytes, client: str | None) -> Answer:
+        """The whole ingest of a complete body without awaiting (needs `service.can_decide_now`)."""
+        try:
+            accepted = self.service.ingest_now(self.decode(head, wire), head.fmt, len(wire), head.principal, client,
+                                               head.idempotency_key)
+        except Exception as exc:
+            return self.refusal(exc)
+        return self.accepted(head.fmt, accepted)
+
+    def accepted(self, fmt: str, count: int) -> Answer:
+        """The success answer for `count` stored records (counted for /metrics); a `Replayed` count is
+        the first answer again, marked as such, with nothing stored this time."""
+        service = self.service
+        status, headers, body = self.success(fmt, count)
+        if isinstance(count, Replayed):
+            headers = [*headers, _REPLAYED]
+        else:
+            service.stats.records_accepted += count
+        service.count_response(status)
+        return status, headers, body
+
+    def refusal(self, exc: BaseException) -> Answer:
+        """The answer for an IngestError (or a 500 for anything else), counted for /metrics."""
+        if not isinstance(exc, IngestError):
+            log.error("unexpected error while ingesting", exc_info=exc)
+            self.service.count_response(500, "internal_error")
+            return 500, JSON_HEADERS, b'{"error":"internal_error","detail":"see the server log"}'
+        headers = list(JSON_HEADERS)
+        if exc.retry_after_s is not None:
+            headers.append((b"retry-after", retry_after_header(exc.retry_after_s)))
+        if exc.headers:
+            headers.extend(exc.headers)
+        if exc.status in CLOSE_AFTER:
+            headers.append((b"connection", b"close"))
+        self.service.count_response(exc.status, exc.error)
+        return exc.status, headers, orjson.dumps(exc.body())
+
+    def check_head(self, raw_headers: Headers) -> IngestHead:
+        """Media type, encoding, auth, shutdown and declared length: refuse before the body."""
         fmt: str | None = None
         length: int | None = None
         encoding = b"identity"
         authorization: bytes | None = None
         idempotency_key: bytes | None = None
-        for name, value in scope["headers"]:
+        for name, value in raw_headers:
             if name == b"content-type":
                 fmt = self.media_types.get(value.split(b";", 1)[0].strip().lower())
                 if fmt is None:
@@ -167,12 +212,12 @@ class IngestHandler:
         limit = self.max_body_bytes
         if length is not None and length > limit:
             raise _error(413, "payload_too_large", f"the body is {length} bytes; the limit is {limit}")
-        # No timer here: GuardedHttpToolsProtocol enforces body_timeout_s (408) for the server.
-        wire = await _read_body(receive, limit)
+        return IngestHead(fmt, encoding, principal, key)
+
+    def decode(self, head: IngestHead, wire: bytes) -> bytes:
+        """Count the wire bytes and undo the content encoding (bounded by max_body_bytes)."""
         self.service.stats.bytes_received += len(wire)
-        body = wire if encoding == b"identity" else gunzip_bounded(wire, limit)
-        client = scope.get("client")
-        return fmt, await self.service.ingest(body, fmt, len(wire), principal, client[0] if client else None, key)
+        return wire if head.encoding == b"identity" else gunzip_bounded(wire, self.max_body_bytes)
 
 
 class _Disconnected(Exception):
@@ -191,13 +236,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunk: bytes = message.get("body", b"")
         total += len(chunk)
         if total > limit:
-            raise _error(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes")
+            raise body_too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    headers = [*headers, (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -47,6 +47,7 @@ class Snapshot:
     segments: int
     segment_bytes: int
     segments_deleted: int = 0
+    fast_lane_requests: int = 0
     gauges: dict[str, float] = field(default_factory=dict)  # further gauges, named as exported
     counters: dict[str, float] = field(default_factory=dict)  # further counters, named as exported (less _total)
 
@@ -84,6 +85,8 @@ class SinkCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_segment_bytes", "Bytes of segment files on disk", value=s.segment_bytes)
         yield CounterMetricFamily(f"{PREFIX}_segments_deleted", "Segments deleted by retention",
                                   value=s.segments_deleted)
+        yield CounterMetricFamily(f"{PREFIX}_fast_lane_requests", "POST /telemetry requests answered by the "
+                                  "protocol's fast lane, below ASGI", value=s.fast_lane_requests)
         for name, value in sorted(s.gauges.items()):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)
         for name, value in sorted(s.counters.items()):

@@ -40,6 +40,7 @@ def build_app(config: Config, *, workers: int = 1) -> Any:
 
     from .auth import TokenTable
     from .crypto import CryptoService
+    from .fast_lane import configure_fast_lane
     from .guard import configure_guard
     from .http_server import create_app
     from .metrics import WriterMetrics
@@ -62,9 +63,12 @@ def build_app(config: Config, *, workers: int = 1) -> Any:
         assert service.writer.series is not None
         service.shipper.start(service.writer.series)
     srv = config.server
-    configure_guard(srv.header_timeout_s, srv.body_timeout_s, srv.max_connections, on_timeout=service.count_timeout)
-    return create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
-                      registry=registry)
+    configure_guard(srv.header_timeout_s, srv.body_timeout_s, srv.max_connections, on_timeout=service.count_timeout,
+                    max_header_bytes=srv.max_header_bytes)
+    app = create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
+                     registry=registry)
+    configure_fast_lane(app.handler if srv.fast_lane == "on" else None)
+    return app
 
 
 def _attach_shipper(service: Any, config: Config, registry: Any) -> None:
@@ -134,7 +138,7 @@ def _log_startup(config: Config, sock: socket.socket) -> None:
 
 
 def _uvicorn_options(config: Config, access_log: bool, log_level: str, log_config: dict[str, Any]) -> dict[str, Any]:
-    from .guard import GuardedHttpToolsProtocol
+    from .fast_lane import FastLaneProtocol
 
     srv = config.server
     for name in ("tls_certfile", "tls_keyfile", "tls_client_ca"):
@@ -142,7 +146,7 @@ def _uvicorn_options(config: Config, access_log: bool, log_level: str, log_confi
         if tls_path is not None and not tls_path.is_file():
             raise ServeError(f"[server] {name}: {tls_path} does not exist")
     options: dict[str, Any] = dict(
-        host=srv.host, port=srv.port, loop="uvloop", http=GuardedHttpToolsProtocol, lifespan="on",
+        host=srv.host, port=srv.port, loop="telemetry_sink.guard:GuardedLoop", http=FastLaneProtocol, lifespan="on",
         access_log=access_log, log_level=log_level, log_config=log_config,
         timeout_graceful_shutdown=srv.shutdown_timeout_s, timeout_keep_alive=srv.keep_alive_s,
     )

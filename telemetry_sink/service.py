@@ -17,12 +17,12 @@ from .buffer import BufferClosed, BufferFull, BufferManager
 from .config import Config
 from .crypto import CryptoService
 from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
-from .idempotency import IdempotencyTable, body_digest, key_digest
+from .idempotency import IdempotencyTable, Replayed, body_digest, key_digest
 from .metrics import Snapshot, WriterMetrics
 from .otlp import FORMATS as OTLP_FORMATS
 from .otlp import log_records
 from .rate_limiter import RateLimited, RateLimiter
-from .records import check_permissions, encode_records, parse_body
+from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, parse_body, parse_slices
 from .segment_format import KeyEntry, list_segments
 from .segment_keys import recent_keys
 from .segment_writer import SegmentWriter
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 from .speedups import IMPLEMENTATION
 
 log = logging.getLogger("telemetry_sink.service")
+# Bodies larger than this are parsed and encoded in slices of SLICE_RECORDS records that yield to
+# the event loop (~1-2 ms of work each), so no request holds it for long.
+SLICE_BODY_BYTES = 65536
+SLICE_RECORDS = 200
+Claim = tuple[bytes, bytes]  # (key digest, body digest) of a keyed request being stored
 
 
 @dataclass
@@ -42,6 +47,7 @@ class IngestStats:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     records_accepted: int = 0
     bytes_received: int = 0
+    fast_lane_requests: int = 0  # answered below ASGI (telemetry_sink.fast_lane)
 
 
 
@@ -58,6 +64,7 @@ class TelemetryService:
         high_water_percent: int = 90,
         idempotency: IdempotencyTable | None = None,
         otlp_node_attribute: str = "service.instance.id",
+        max_records_per_request: int = DEFAULT_MAX_RECORDS,
     ) -> None:
         self.rate_limiter = rate_limiter
         self.buffer = buffer
@@ -66,12 +73,19 @@ class TelemetryService:
         self.high_water_percent = high_water_percent
         self.idempotency = idempotency  # None: Idempotency-Key headers are ignored
         self.otlp_node_attribute = otlp_node_attribute
+        self.max_records_per_request = max_records_per_request
         self.closing = False
         self.writer_failure: str | None = None  # why the writer stopped for good, if it did
         self.stats = IngestStats()
         self._wall_clock = wall_clock
         self._writer_task: asyncio.Task[None] | None = None
         self.shipper: Shipper | None = None  # set by serve when [ship] destination is set
+
+    @property
+    def can_decide_now(self) -> bool:
+        """Whether every request can be answered without waiting (no durable acks, no delay-mode
+        rate limit): then `ingest_now` may be used instead of `ingest`."""
+        return not self.durable and not (self.rate_limiter.enabled and self.rate_limiter.mode == "delay")
 
     async def ingest(
         self,
@@ -89,6 +103,69 @@ class TelemetryService:
         of an answered request with the same `idempotency_key` returns a `Replayed` count and
         stores nothing.
         """
+        received_at, wait = self._admit(len(body), wire_bytes, principal, client_key)
+        if wait > 0.0:
+            await asyncio.sleep(wait)
+        claim = self._claim(idempotency_key, principal, client_key, fmt, body)
+        if isinstance(claim, Replayed):
+            return claim
+        try:
+            if len(body) > SLICE_BODY_BYTES:
+                accepted, ack = await self._store_yielding(body, fmt, principal, received_at, claim)
+            else:
+                accepted, ack = self._store(body, fmt, principal, received_at, claim)
+            if ack is not None:
+                try:
+                    await ack
+                except OSError as exc:
+                    raise storage_error(exc.errno, f"{exc.__class__.__name__}: {exc.strerror or exc}") from None
+                except Exception as exc:  # the writer died: nothing of this request is stored
+                    raise IngestError(503, "write_failed", f"the writer stopped ({exc})",
+                                      retry_after_s=WRITE_FAILED_RETRY_S) from None
+        except BaseException:
+            self._abandon(claim)
+            raise
+        return self._finish(claim, accepted)
+
+    def ingest_now(self, body: bytes, fmt: str, wire_bytes: int | None = None, principal: Principal | None = None,
+                   client_key: str | None = None, idempotency_key: bytes | None = None) -> int:
+        """`ingest` without awaiting, for when `can_decide_now`: the same rules in the same order."""
+        if not self.can_decide_now:
+            raise RuntimeError("ingest_now needs buffered acks and no delay-mode rate limit")
+        received_at, _ = self._admit(len(body), wire_bytes, principal, client_key)
+        claim = self._claim(idempotency_key, principal, client_key, fmt, body)
+        if isinstance(claim, Replayed):
+            return claim
+        try:
+            accepted = self._store(body, fmt, principal, received_at, claim)[0]
+        except BaseException:
+            self._abandon(claim)
+            raise
+        return self._finish(claim, accepted)
+
+    def _claim(self, idempotency_key: bytes | None, principal: Principal | None, client_key: str | None,
+               fmt: str, body: bytes) -> Claim | Replayed | None:
+        """Begin a keyed request: None (no key, or keys off), the earlier answer of a repeat, or the
+        (key, body) digests it is stored under. 409/422 (IngestError) for a key in flight or reused."""
+        if idempotency_key is None or self.idempotency is None:
+            return None
+        scope = principal.key if principal is not None else f"addr:{client_key}"
+        key, digest = key_digest(scope, idempotency_key), body_digest(fmt, body)
+        replay = self.idempotency.begin(key, digest)
+        return replay if replay is not None else (key, digest)
+
+    def _abandon(self, claim: Claim | None) -> None:
+        if claim is not None and self.idempotency is not None:
+            self.idempotency.abandon(claim[0])  # nothing stored: a retry is a new request
+
+    def _finish(self, claim: Claim | None, accepted: int) -> int:
+        if claim is not None and self.idempotency is not None:
+            self.idempotency.finish(claim[0], accepted)
+        return accepted
+
+    def _admit(self, body_bytes: int, wire_bytes: int | None, principal: Principal | None,
+               client_key: str | None) -> tuple[float, float]:
+        """The checks before any parsing, and the rate limit: return (receive time, delay)."""
         if self.closing:
             raise shutting_down()
         if self.writer_failure is not None:
@@ -105,52 +182,63 @@ class TelemetryService:
             raise storage_error(stats.last_errno, stats.last_error)
         received_at = self._wall_clock()
         node_key = principal.key if principal is not None else client_key
+        # Charge what is processed: the inflated body when it is larger than the wire bytes.
+        cost = body_bytes if wire_bytes is None else max(body_bytes, wire_bytes)
         try:
-            wait = self.rate_limiter.admit(len(body) if wire_bytes is None else wire_bytes, node_key)
+            wait = self.rate_limiter.admit(cost, node_key)
         except RateLimited as exc:
             which = "per-node" if exc.per_node else "global"
             raise IngestError(429, "rate_limited", f"the {which} rate limit is exceeded",
                               retry_after_s=exc.retry_after) from None
-        if wait > 0.0:
-            await asyncio.sleep(wait)
-        if idempotency_key is None or self.idempotency is None:
-            return await self._store(body, fmt, received_at, principal)
-        scope = principal.key if principal is not None else f"addr:{client_key}"
-        key, digest = key_digest(scope, idempotency_key), body_digest(fmt, body)
-        replay = self.idempotency.begin(key, digest)
-        if replay is not None:
-            return replay
-        try:
-            accepted = await self._store(body, fmt, received_at, principal, (key, digest))
-        except BaseException:
-            self.idempotency.abandon(key)  # nothing stored: a retry is a new request
-            raise
-        self.idempotency.finish(key, accepted)
-        return accepted
+        return received_at, wait
 
-    async def _store(self, body: bytes, fmt: str, received_at: float, principal: Principal | None,
-                     key: tuple[bytes, bytes] | None = None) -> int:
-        """Parse, check and buffer the records (with their key, for the log); wait for a durable ack."""
-        values = log_records(body, fmt, self.otlp_node_attribute) if fmt in OTLP_FORMATS else parse_body(body, fmt)
+    def _values(self, body: bytes, fmt: str) -> list[Any]:
+        if fmt in OTLP_FORMATS:
+            return log_records(body, fmt, self.otlp_node_attribute)
+        return parse_body(body, fmt, self.max_records_per_request)
+
+    def _store(self, body: bytes, fmt: str, principal: Principal | None, received_at: float,
+               claim: Claim | None = None) -> tuple[int, asyncio.Future[None] | None]:
+        """Parse, validate and buffer the records (with their key, for the log): return their count
+        and the durable ack (or None)."""
+        values = self._values(body, fmt)
         plaintexts, nbytes = encode_records(values, received_at)
+        return self._buffer(values, plaintexts, nbytes, principal, claim)
+
+    async def _store_yielding(self, body: bytes, fmt: str, principal: Principal | None, received_at: float,
+                              claim: Claim | None = None) -> tuple[int, asyncio.Future[None] | None]:
+        """`_store` for a large body: the same steps in slices of SLICE_RECORDS, yielding to the
+        event loop between them (a few ms each, however large the body), all or nothing."""
+        values: list[Any] = []
+        if fmt in OTLP_FORMATS:  # decoded whole: OTLP's protobuf has no cheap record boundaries
+            values = self._values(body, fmt)
+        else:
+            for piece in parse_slices(body, fmt, self.max_records_per_request, SLICE_RECORDS):
+                values.extend(piece)
+                await asyncio.sleep(0)
+        plaintexts: list[bytes] = []
+        nbytes = 0
+        for start in range(0, len(values), SLICE_RECORDS):
+            piece_texts, piece_bytes = encode_records(values[start:start + SLICE_RECORDS], received_at, start)
+            plaintexts += piece_texts
+            nbytes += piece_bytes
+            await asyncio.sleep(0)
+        if self.closing:
+            raise shutting_down()
+        return self._buffer(values, plaintexts, nbytes, principal, claim)
+
+    def _buffer(self, values: list[Any], plaintexts: list[bytes], nbytes: int, principal: Principal | None,
+                claim: Claim | None) -> tuple[int, asyncio.Future[None] | None]:
         if principal is not None:
             check_permissions(values, principal)
         try:
-            entry = KeyEntry(key[0], key[1], len(plaintexts)) if key is not None else None
+            entry = KeyEntry(claim[0], claim[1], len(plaintexts)) if claim is not None else None
             ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable, key=entry)
         except BufferFull:
             raise buffer_full() from None
         except BufferClosed:
             raise shutting_down() from None
-        if ack is not None:
-            try:
-                await ack
-            except OSError as exc:
-                raise storage_error(exc.errno, f"{exc.__class__.__name__}: {exc.strerror or exc}") from None
-            except Exception as exc:  # the writer died: nothing of this request is stored
-                raise IngestError(503, "write_failed", f"the writer stopped ({exc})",
-                                  retry_after_s=WRITE_FAILED_RETRY_S) from None
-        return len(plaintexts)
+        return len(plaintexts), ack
 
     @classmethod
     def from_config(cls, config: Config, crypto: CryptoService, workers: int = 1,
@@ -176,6 +264,7 @@ class TelemetryService:
             high_water_percent=config.buffer.high_water_percent,
             idempotency=IdempotencyTable(window, config.ingest.idempotency_max_keys) if window > 0 else None,
             otlp_node_attribute=config.otlp.node_id_attribute,
+            max_records_per_request=config.ingest.max_records_per_request,
         )
 
     def recover_keys(self) -> int:
@@ -255,6 +344,7 @@ class TelemetryService:
             segments=segments,
             segment_bytes=segment_bytes,
             segments_deleted=wstats.segments_deleted,
+            fast_lane_requests=stats.fast_lane_requests,
             gauges={"rate_limit_node_buckets": self.rate_limiter.node_buckets,
                     "buffer_max_records": self.buffer.max_records, "buffer_max_bytes": self.buffer.max_bytes,
                     **self._idempotency_gauges()},

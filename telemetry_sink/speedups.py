@@ -18,10 +18,17 @@ FALLBACK_REASON: str | None = None
 try:
     if NO_EXTENSIONS:
         raise ImportError("TELEMETRY_SINK_NO_EXTENSIONS is set")
-    from ._speedups import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket
+    from ._speedups import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket, check_records, dump_records
 except ImportError as exc:  # not compiled: the twin behaves the same, only slower
     FALLBACK_REASON = str(exc) if NO_EXTENSIONS else f"the extension is not built ({exc})"
-    from ._speedups_py import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket  # type: ignore[assignment]
+    from ._speedups_py import (  # type: ignore[assignment]
+        IMPLEMENTATION,
+        BatchDecryptor,
+        BatchFramer,
+        TokenBucket,
+        check_records,
+        dump_records,
+    )
 
 HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
     "install a C compiler and the OpenSSL >= 3.0 and zlib headers (Debian: apt-get install gcc libssl-dev "
@@ -35,4 +42,4 @@ _bucket: type[TokenBucketProtocol] = TokenBucket
 _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket"]
+           "TokenBucket", "check_records", "dump_records"]

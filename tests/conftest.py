@@ -49,6 +49,15 @@ def speedups_impl(request: pytest.FixtureRequest) -> ModuleType:
 
 # -- keys and real server subprocesses --
 
+LANES = {"fast": "on", "asgi": "off"}  # test id -> [server] fast_lane
+
+
+@pytest.fixture(scope="module", params=sorted(LANES))
+def lane(request: pytest.FixtureRequest) -> str:
+    """Each HTTP lane in turn (the protocol's fast lane, and ASGI only): servers started by the
+    shared fixtures use it, so every HTTP test runs against both."""
+    return str(request.param)
+
 
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
@@ -58,16 +67,16 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path, key_file: Path) -> Iterator[StartServer]:
-    """Start a server with config `overrides` ({section: {key: value}}); killed at teardown. It listens on a
-    port it picks itself (port 0) and reports back, unless a test asks for a fixed `port`."""
+def start_server(tmp_path: Path, key_file: Path, lane: str) -> Iterator[StartServer]:
+    """Start a server with config `overrides` ({section: {key: value}}) on `lane`; killed at teardown. It
+    listens on a port it picks itself (port 0) and reports back, unless a test asks for a fixed `port`."""
     started: list[ServerProcess] = []
 
     def start(overrides: ConfigValues | None = None, *, env: dict[str, str] | None = None,
               wait: bool = True, port: int = 0, args: tuple[str, ...] = (),
               separate_stderr: bool = False) -> ServerProcess:
         values = merge_config({
-            "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 20},
+            "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 20, "fast_lane": LANES[lane]},
             "writer": {"directory": str(tmp_path / "data"), "flush_interval_ms": 50},
             "crypto": {"key_file": str(key_file)},
         }, overrides)
@@ -105,15 +114,15 @@ def write_log(directory: Path, key: bytes, records: int, segment_bytes: int = 40
 
 
 @contextmanager
-def shared_server(tmp_path_factory: pytest.TempPathFactory, name: str,
-                  overrides: ConfigValues | None = None) -> Iterator[tuple[ServerProcess, Path, Path]]:
-    """A server for a whole test module (fresh key, rate limit off, 20 ms flushes):
+def shared_server(tmp_path_factory: pytest.TempPathFactory, name: str, overrides: ConfigValues | None = None,
+                  lane: str = "fast") -> Iterator[tuple[ServerProcess, Path, Path]]:
+    """A server for a whole test module (fresh key, rate limit off, 20 ms flushes) on `lane`:
     yields (server, its base directory, its key file); killed at the end."""
     base = tmp_path_factory.mktemp(name)
     key = base / "sink.key"
     write_key_file(key)
     values = merge_config({
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 10},
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 10, "fast_lane": LANES[lane]},
         "rate_limit": {"bytes_per_second": 0},
         "writer": {"directory": str(base / "data"), "flush_interval_ms": 20, "fsync": "never"},
         "crypto": {"key_file": str(key)},

@@ -279,13 +279,13 @@ class AuthSink:
 
 
 @pytest.fixture(scope="module")
-def auth_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthSink]:
+def auth_sink(tmp_path_factory: pytest.TempPathFactory, lane: str) -> Iterator[AuthSink]:
     tokens_dir = tmp_path_factory.mktemp("auth-tokens")
     tokens = tokens_file(tokens_dir / "tokens", [
         f"node-a {hash_token(TOKEN_A)}",
         f"greenhouse-* {hash_token(TOKEN_GH)}",
     ])
-    with shared_server(tmp_path_factory, "auth-sink", {"auth": {"tokens_file": str(tokens)}}) as (server, _, _):
+    with shared_server(tmp_path_factory, "auth-sink", {"auth": {"tokens_file": str(tokens)}}, lane) as (server, _, _):
         yield AuthSink(server)
 
 

@@ -121,9 +121,9 @@ class Sink:
 
 
 @pytest.fixture(scope="module")
-def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sink]:
+def sink(tmp_path_factory: pytest.TempPathFactory, lane: str) -> Iterator[Sink]:
     overrides = {"ingest": {"max_body_bytes": MAX_BODY}}
-    with shared_server(tmp_path_factory, "shared-sink", overrides) as (server, base, key):
+    with shared_server(tmp_path_factory, "shared-sink", overrides, lane) as (server, base, key):
         yield Sink(server, base / "data", key)
 
 

@@ -290,3 +290,37 @@ def test_many_trickling_clients_do_not_pin_memory(start_server: StartServer) -> 
     assert server.post(b'{"node_id":"after-the-hogs"}').status_code == 202
     assert metric(server, "telemetry_sink_records_accepted_total") == 2
     print(f"RSS baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, cut off in {elapsed:.1f}s")
+
+
+def test_stray_crlf_after_a_request_does_not_hold_the_connection(
+        start_server: StartServer, sockets: Callable[[ServerProcess], socket.socket]) -> None:
+    """A bare CRLF after a keep-alive request starts no message: the keep-alive deadline still
+    closes the connection, so such clients cannot use up max_connections (here 20) for good."""
+    server = slow_server(start_server, header_timeout_s=30)  # only keep_alive_s = 1 can close them
+    socks = [sockets(server) for _ in range(20)]
+    for sock in socks:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_one_response(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\r\n")
+    for sock in socks:
+        assert is_closed(sock, 1 + SLACK + 2), "a connection that sent a stray CRLF was kept open"
+    assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_stored_request_gets_its_202_before_the_next_ones_408(
+        start_server: StartServer, sockets: Callable[[ServerProcess], socket.socket]) -> None:
+    """Durable acks keep the first answer back (longer than body_timeout_s) while the pipelined
+    second request's body is late: the 408 waits for the 202."""
+    server = start_server({
+        "server": {"header_timeout_s": HEADER_TIMEOUT, "body_timeout_s": BODY_TIMEOUT, "keep_alive_s": 1},
+        "rate_limit": {"bytes_per_second": 0},
+        "ingest": {"ack": "durable"},
+        "writer": {"flush_interval_ms": 2500, "batch_size": 1000},
+    })
+    sock = sockets(server)
+    body = b'{"node_id":"first"}'
+    sock.sendall(REQUEST_HEAD[:-2] + b"Content-Length: %d\r\n\r\n" % len(body) + body
+                 + REQUEST_HEAD[:-2] + b"Content-Length: 100\r\n\r\n{")
+    answers = read_response(sock, timeout=15)
+    assert answers.startswith(b"HTTP/1.1 202"), answers
+    assert b"HTTP/1.1 408" in answers and answers.index(b"HTTP/1.1 408") > 0, answers

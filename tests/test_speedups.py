@@ -12,6 +12,7 @@ import threading
 import zlib
 from types import ModuleType
 
+import orjson
 import pytest
 from conftest import StartServer, run_cli
 from cryptography.fernet import Fernet, MultiFernet
@@ -416,3 +417,39 @@ def test_compiled_framer_without_init_refuses() -> None:
     framer = compiled.BatchFramer.__new__(compiled.BatchFramer)
     with pytest.raises(RuntimeError, match="__init__"):
         framer.frame(0, 0, [b"x"])
+
+
+# -- records of one request: check_records / dump_records, both implementations --
+
+RECORDS_CASES = [
+    [{"node_id": "a", "ts": 1, "v": 1.5}],
+    [{"node_id": "a", "s": 'q"u,o}te\\', "t": "\\"}, {"node_id": "b", "n": [1, {"a": [2, "]"]}], "e": "[{\""}],
+    [{"node_id": "c", "u": "é\x00\u2028", "empty": {}, "list": []}, {"node_id": "d" * 128, "ts": 2.5}],
+]
+
+
+@pytest.mark.parametrize("values", RECORDS_CASES)
+def test_dump_records_is_orjson_dumps_of_each_record(speedups_impl: ModuleType,
+                                                     values: list[dict[str, object]]) -> None:
+    out = speedups_impl.dump_records(values)
+    assert out == [orjson.dumps(v) for v in values]
+    assert all(type(b) is bytes for b in out)
+    assert speedups_impl.dump_records([]) == []
+
+
+@pytest.mark.parametrize(("values", "bad"), [
+    ([{"node_id": "a"}, {"node_id": "b", "ts": 3}], -1),
+    ([{"node_id": "a"}, "not a dict"], 1),
+    ([{"node_id": ""}], 0),
+    ([{"node_id": "x" * 129}], 0),
+    ([{"node_id": "ok"}, {"node_id": 5}], 1),
+    ([{"node_id": "ok"}, {"nodeid": "x"}], 1),
+    ([{"node_id": "ok", "ts": True}], 0),
+    ([{"node_id": "ok", "ts": "1"}], 0),
+    ([{"node_id": "ok", "ts": None}], 0),
+])
+def test_check_records_finds_the_first_invalid_record_and_adds_ts(speedups_impl: ModuleType,
+                                                                  values: list[object], bad: int) -> None:
+    assert speedups_impl.check_records(values, 7.5, 128) == bad
+    if bad == -1:
+        assert values == [{"node_id": "a", "ts": 7.5}, {"node_id": "b", "ts": 3}]

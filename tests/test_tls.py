@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +152,35 @@ def test_the_client_speaks_mutual_tls(start_server: StartServer, pki: Pki) -> No
     with pytest.raises(DeliveryTimeout):
         lacking.close(timeout=1)
     assert lacking.stats.retries >= 1 and lacking.stats.records_sent == 0
+
+
+def test_tls_handshakes_count_against_the_limit_and_have_the_head_deadline(start_server: StartServer,
+                                                                           pki: Pki) -> None:
+    """Connections that never send a ClientHello hold a slot only until header_timeout_s (not
+    uvloop's 60 s), and while they hold every slot a real client is refused."""
+    header_timeout = 2
+    server = start_server({"server": {"tls_certfile": str(pki.server_cert), "tls_keyfile": str(pki.server_key),
+                                      "max_connections": 20, "header_timeout_s": header_timeout}}, wait=False)
+    server.wait_ready(verify=pki.context())
+    time.sleep(0.3)  # let the readiness probe's connection go
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    start = time.monotonic()
+    try:
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):
+            https_post(server, pki.context(), b'{"node_id":"refused"}')
+        for sock in silent:
+            sock.settimeout(max(0.1, start + header_timeout + 3 - time.monotonic()))
+            assert sock.recv(1) == b"", "a silent TLS connection outlived the head deadline"
+        assert time.monotonic() - start < header_timeout + 3
+    finally:
+        for sock in silent:
+            sock.close()
+
+    def served() -> bool:  # the slots free up with the next deadline sweep (every 0.25 s)
+        try:
+            return https_post(server, pki.context(), b'{"node_id":"after"}').status_code == 202
+        except httpx.TransportError:
+            return False
+
+    wait_for(served, timeout=3, what="a TLS client served once the silent handshakes were cut off")
