@@ -2,6 +2,7 @@
 documentation are in `_protocols.py`, which the pure-Python twin satisfies too."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from _typeshed import ReadableBuffer
 
@@ -32,3 +33,5 @@ class BatchDecryptor:
                 now: int | None = None) -> list[bytes | None]: ...
     def decrypt_keyed(self, tokens: Sequence[bytes], ttl: int | None = None,
                       now: int | None = None) -> tuple[list[bytes | None], list[int]]: ...
+
+def record_span(values: list[Any]) -> tuple[float, float, set[str]]: ...

@@ -894,3 +894,19 @@ cdef class BatchDecryptor:
             free(out)
             free(raw)
             free(tok_array)
+
+
+def record_span(list values):
+    """(lowest ts, highest ts, set of node ids) of validated records: dicts each holding a str
+    `node_id` and a number `ts`. What the segment index of the records' segment must cover."""
+    cdef double lo = INFINITY, hi = -INFINITY, t
+    cdef dict record
+    nodes = set()
+    for record in values:
+        t = record["ts"]
+        if t < lo:
+            lo = t
+        if t > hi:
+            hi = t
+        nodes.add(record["node_id"])
+    return lo, hi, nodes

@@ -9,6 +9,7 @@ import base64
 import operator
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -115,3 +116,11 @@ class BatchDecryptor:
             plaintexts.append(plaintext)
             keys.append(key)
         return plaintexts, keys
+
+
+def record_span(values: list[Any]) -> tuple[float, float, set[str]]:
+    """(lowest ts, highest ts, set of node ids) of validated records (see _protocols.RecordSpan)."""
+    if not values:
+        return float("inf"), float("-inf"), set()
+    stamps = [record["ts"] for record in values]
+    return float(min(stamps)), float(max(stamps)), {record["node_id"] for record in values}

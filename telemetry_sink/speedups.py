@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol, TokenBucketProtocol
+from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol, RecordSpan, TokenBucketProtocol
 
 NO_EXTENSIONS = bool(os.environ.get("TELEMETRY_SINK_NO_EXTENSIONS"))
 FALLBACK_REASON: str | None = None
@@ -18,10 +18,10 @@ FALLBACK_REASON: str | None = None
 try:
     if NO_EXTENSIONS:
         raise ImportError("TELEMETRY_SINK_NO_EXTENSIONS is set")
-    from ._speedups import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket
+    from ._speedups import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket, record_span
 except ImportError as exc:  # not compiled: the twin behaves the same, only slower
     FALLBACK_REASON = str(exc) if NO_EXTENSIONS else f"the extension is not built ({exc})"
-    from ._speedups_py import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket  # type: ignore[assignment]
+    from ._speedups_py import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket, record_span  # type: ignore[assignment]
 
 HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
     "install a C compiler and the OpenSSL >= 3.0 and zlib headers (Debian: apt-get install gcc libssl-dev "
@@ -33,6 +33,7 @@ HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
 _framer: type[BatchFramerProtocol] = BatchFramer
 _bucket: type[TokenBucketProtocol] = TokenBucket
 _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
+_span: RecordSpan = record_span
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket"]
+           "TokenBucket", "record_span"]
