@@ -3,8 +3,8 @@ here once; `speedups.py` picks one, and mypy checks both against these."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 
 class TokenBucketProtocol(Protocol):
@@ -61,3 +61,8 @@ class BatchDecryptorProtocol(Protocol):
     def decrypt_keyed(self, tokens: Sequence[bytes], ttl: int | None = None,
                       now: int | None = None) -> tuple[list[bytes | None], list[int]]:
         """(plaintexts, key indices): as decrypt(), plus which key accepted each token (-1: none)."""
+
+
+# record_span(values) -> (lowest ts, highest ts, node ids) of validated records (dicts each with a
+# str `node_id` and a number `ts`): what a segment's index must cover for them.
+RecordSpan = Callable[[list[Any]], tuple[float, float, set[str]]]

@@ -979,3 +979,19 @@ def dump_records(list values):
             start = i
     out.append(PyBytes_FromStringAndSize(<const char *>s + start, n - start))
     return out
+
+
+def record_span(list values):
+    """(lowest ts, highest ts, set of node ids) of validated records: dicts each holding a str
+    `node_id` and a number `ts`. What the segment index of the records' segment must cover."""
+    cdef double lo = INFINITY, hi = -INFINITY, t
+    cdef dict record
+    nodes = set()
+    for record in values:
+        t = record["ts"]
+        if t < lo:
+            lo = t
+        if t > hi:
+            hi = t
+        nodes.add(record["node_id"])
+    return lo, hi, nodes

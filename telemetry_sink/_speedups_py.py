@@ -142,3 +142,11 @@ def dump_records(values: list[Any]) -> list[bytes]:
 
 
 _MISSING = object()
+
+
+def record_span(values: list[Any]) -> tuple[float, float, set[str]]:
+    """(lowest ts, highest ts, set of node ids) of validated records (see _protocols.RecordSpan)."""
+    if not values:
+        return float("inf"), float("-inf"), set()
+    stamps = [record["ts"] for record in values]
+    return float(min(stamps)), float(max(stamps)), {record["node_id"] for record in values}

@@ -10,6 +10,10 @@ from collections import deque
 from collections.abc import Callable
 
 from .segment_format import KeyEntry
+from .segment_index import Span
+
+# (lowest ts, highest ts, node ids) of one request's records (speedups.record_span)
+RequestSpan = tuple[float, float, set[str]]
 
 
 class BufferFull(Exception):
@@ -51,6 +55,9 @@ class BufferManager:
         self._acks: deque[tuple[int, asyncio.Future[None]]] = deque()
         # (position after the request's last record, its idempotency key) until that record is stored
         self._keys: deque[tuple[int, KeyEntry]] = deque()
+        # (first position, position after the last record, span) of each request with a span, until
+        # its records are stored: what the writer folds into the segment index.
+        self._spans: deque[tuple[int, int, RequestSpan]] = deque()
         self._enqueued = 0  # records ever put: positions run from 0
         self._taken = 0  # records ever handed to the writer
         self._stored = 0  # records ever reported stored
@@ -67,9 +74,10 @@ class BufferManager:
         return self.records * 100 >= self.max_records * percent or self.bytes * 100 >= self.max_bytes * percent
 
     def put(self, records: list[bytes], nbytes: int, want_ack: bool = False,
-            key: KeyEntry | None = None) -> asyncio.Future[None] | None:
+            key: KeyEntry | None = None, span: RequestSpan | None = None) -> asyncio.Future[None] | None:
         """Queue `records` (whose lengths sum to `nbytes`) or raise BufferFull/BufferClosed. `key`
-        travels to the writer with the batch that holds the request's last record."""
+        travels to the writer with the batch that holds the request's last record; `span` (lowest
+        ts, highest ts, node ids) with every batch that holds any of its records."""
         if self.closed:
             raise BufferClosed
         if self.records + len(records) > self.max_records or self.bytes + nbytes > self.max_bytes:
@@ -78,6 +86,8 @@ class BufferManager:
         self._queue.extend(records)
         self.records += len(records)
         self.bytes += nbytes
+        if span is not None:
+            self._spans.append((self._enqueued, self._enqueued + len(records), span))
         self._enqueued += len(records)
         self._arrivals.append((self._enqueued, self._clock()))
         if key is not None:
@@ -148,6 +158,24 @@ class BufferManager:
             out.append(mine)
         return out
 
+    def span_of(self, batches: list[list[bytes]]) -> Span | None:
+        """What the records of `batches` (the batches just taken) can hold, or None if some of them
+        came without a span (the index of their segment then cannot be trusted)."""
+        stop = self._taken
+        start = stop - sum(map(len, batches))
+        out = Span.empty()
+        covered = start
+        for first, end, (ts_min, ts_max, nodes) in self._spans:
+            if end <= start:
+                continue
+            if first >= stop:
+                break
+            if first > covered:
+                return None  # a gap: records without a span
+            out.add(ts_min, ts_max, nodes, min(end, stop) - max(first, start))
+            covered = end
+        return out if covered >= stop else None
+
     def requeue(self, batch: list[bytes]) -> None:
         """Give back a batch the writer could not store, at the front, to be retried."""
         self._queue.extendleft(reversed(batch))
@@ -171,6 +199,9 @@ class BufferManager:
         keys = self._keys
         while keys and keys[0][0] <= self._stored:
             keys.popleft()
+        spans = self._spans
+        while spans and spans[0][1] <= self._stored:
+            spans.popleft()
         acks = self._acks
         while acks and acks[0][0] <= self._stored:
             future = acks.popleft()[1]

@@ -22,6 +22,7 @@ from . import segment_format
 from .crypto import CryptoService
 from .objstore import ObjectStoreError
 from .progress import Progress
+from .segment_index import SegmentIndex
 from .segment_source import NoSegmentsError, SegmentRef, segment_refs, total_size
 
 __all__ = ["DamageError", "Follower", "NoSegmentsError", "RecordFilter", "RecordWalker", "parse_time",
@@ -99,6 +100,13 @@ class RecordFilter:
     def active(self) -> bool:
         return bool(self.nodes) or self.since is not None or self.until is not None
 
+    def may_hold(self, index: SegmentIndex) -> bool:
+        """Whether a segment with this index can hold a record this filter keeps."""
+        if not index.overlaps(self.since, self.until):
+            return False
+        nodes = index.span.nodes
+        return self._match is None or nodes is None or any(self._match(node) for node in nodes)
+
     def keep(self, plaintext: bytes) -> bool:
         record = orjson.loads(plaintext)
         if self._match is not None:
@@ -126,6 +134,8 @@ class RecordWalker:
     offsets: dict[str, int] = field(default_factory=dict)  # by segment label
     records: int = 0  # tokens met, decrypted or not
     bad_tokens: int = 0  # tokens that did not authenticate with the key(s)
+    segments_opened: int = 0
+    segments_skipped: int = 0  # by their index: no record in them can pass the filter
 
     def summary(self) -> str | None:
         """One line when records did not decrypt (reported once, not per record), else None."""
@@ -144,6 +154,12 @@ class RecordWalker:
             start = self.offsets.get(path, segment_format.FILE_HEADER_SIZE)
             if path in self.offsets and ref.size_now() <= start:
                 continue  # nothing new (and for an object, no GET)
+            if self.keep.active and path not in self.offsets:
+                index = ref.index()
+                if index is not None and not self.keep.may_hold(index):
+                    self.segments_skipped += 1
+                    self.offsets[path] = index.size  # sealed: read again only if it ever grew
+                    continue
             try:
                 image = ref.open()
             except segment_format.SegmentFormatError as exc:
@@ -151,6 +167,7 @@ class RecordWalker:
                     self.warn(f"{path}: skipped, {exc}")
                     self.offsets[path] = _SKIP
                 continue
+            self.segments_opened += 1
             try:
                 if image.size <= start:
                     continue

@@ -16,6 +16,7 @@ from typing import Protocol
 from . import segment_format
 from .objstore import OBJECT_KEY, Bucket, Destination, StoreSettings, is_url, parse_url
 from .segment_format import FILE_HEADER_SIZE, Batch, Damage, SegmentImage
+from .segment_index import SegmentIndex, read_index
 from .segment_stream import iter_stream_batches
 
 
@@ -44,6 +45,10 @@ class SegmentRef(Protocol):
         """Raises SegmentFormatError (not a v1 segment), OSError or ObjectStoreError."""
         ...
 
+    def index(self) -> SegmentIndex | None:
+        """The segment's index (segment_index.py) when there is a valid one, else None."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class LocalSegment:
@@ -65,6 +70,9 @@ class LocalSegment:
 
     def open(self) -> SegmentView:
         return SegmentImage(self.path)
+
+    def index(self) -> SegmentIndex | None:
+        return read_index(self.path)
 
 
 class _ObjectView:
@@ -116,6 +124,9 @@ class ObjectSegment:
 
     def open(self) -> SegmentView:
         return _ObjectView(self.bucket.stream(self.key), self.size)
+
+    def index(self) -> SegmentIndex | None:
+        return None  # indexes are not shipped: a filtered read from a bucket reads every object
 
 
 @dataclass(frozen=True, slots=True)

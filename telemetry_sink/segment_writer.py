@@ -25,6 +25,7 @@ from .config import FSYNC_POLICIES
 from .crypto import CryptoService
 from .metrics import WriterMetrics
 from .segment_format import MAX_SEQ, fsync_dir, write_all
+from .segment_index import Span, remove_index, write_index
 from .segment_recovery import (
     Recovery,
     WriterLockedError,
@@ -142,6 +143,9 @@ class SegmentWriter:
         self._segment_born = 0.0  # wall time of the active segment's first batch
         self._dirty = False
         self._last_fsync = 0.0
+        # What the active segment's records can hold (its index at seal); None: unknown (a segment
+        # reopened after a restart, or records that came without a span), so it gets no index.
+        self._span: Span | None = None
         # Shipping hooks (telemetry_sink.shipper): told of every seal; asked before retention deletes;
         # with shipping on, a segment once closed is never appended to again, even after a restart.
         self.on_sealed: Callable[[Path], None] | None = None
@@ -198,6 +202,7 @@ class SegmentWriter:
             log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
         else:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        self._span = Span.empty() if create else None
         self._fd, self._segment = fd, path
         self._size = os.fstat(fd).st_size
         self._segment_born = time.time()
@@ -214,6 +219,12 @@ class SegmentWriter:
             os.close(fd)
         log.info("sealed segment %s (%d bytes)", name, self._size,
                  extra={"event": "segment_sealed", "segment": name, "bytes": self._size})
+        if sealed is not None and self._span is not None and self._span.records:
+            try:
+                write_index(sealed, self._size, segment_format.parse_segment_name(sealed)[1], self.next_seq, self._span)
+            except OSError as exc:  # only a hint: readers then read the segment in full
+                log.warning("could not write the index of %s: %s", name, exc)
+        self._span = None
         if self.on_sealed is not None and sealed is not None:
             self.on_sealed(sealed)
 
@@ -228,9 +239,9 @@ class SegmentWriter:
     # -- the writer thread --
 
     def _write_batches(self, batches: list[list[bytes]],
-                       keys: list[list[segment_format.KeyEntry]] | None = None) -> None:
+                       keys: list[list[segment_format.KeyEntry]] | None = None, span: Span | None = None) -> None:
         """Frame and encrypt each batch (with its requests' idempotency `keys`, if any), then append
-        them all with one write (and one fsync)."""
+        them all with one write (and one fsync); `span` is what their records can hold (None: unknown)."""
         assert self.series is not None, "open() first"
         started = time.perf_counter()
         now = time.time()
@@ -264,6 +275,11 @@ class SegmentWriter:
             raise
         self._size += len(data)
         self.next_seq = seq
+        if self._span is not None:
+            if span is None:
+                self._span = None
+            else:
+                self._span.merge(span)
         if self.metrics is not None:
             self.metrics.flush_seconds.observe(time.perf_counter() - started)
             for records in batches:
@@ -313,6 +329,7 @@ class SegmentWriter:
             if self.may_delete is not None and not self.may_delete(path):
                 continue  # not yet confirmed in object storage: kept, even past the budget
             path.unlink()
+            remove_index(path)
             total -= sizes[path]
             self.stats.segments_deleted += 1
             reason = "over retention_bytes" if too_big else "older than retention_days"
@@ -351,8 +368,9 @@ class SegmentWriter:
                 if not batches:
                     return
                 keys = buffer.keys_of(batches) if self.keyed else None
+                span = buffer.span_of(batches)
                 try:
-                    await loop.run_in_executor(self._executor, self._write_batches, batches, keys)
+                    await loop.run_in_executor(self._executor, self._write_batches, batches, keys, span)
                 except SequenceExhausted:
                     raise  # nothing can be written any more: the service stops taking requests
                 except Exception as exc:

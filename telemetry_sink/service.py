@@ -29,7 +29,7 @@ from .segment_writer import SegmentWriter
 
 if TYPE_CHECKING:
     from .shipper import Shipper
-from .speedups import IMPLEMENTATION
+from .speedups import IMPLEMENTATION, record_span
 
 log = logging.getLogger("telemetry_sink.service")
 # Bodies larger than this are parsed and encoded in slices of SLICE_RECORDS records that yield to
@@ -233,7 +233,7 @@ class TelemetryService:
             check_permissions(values, principal)
         try:
             entry = KeyEntry(claim[0], claim[1], len(plaintexts)) if claim is not None else None
-            ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable, key=entry)
+            ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable, key=entry, span=record_span(values))
         except BufferFull:
             raise buffer_full() from None
         except BufferClosed:

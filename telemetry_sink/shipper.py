@@ -21,6 +21,7 @@ from . import segment_format
 from .config import ShipConfig
 from .objstore import Bucket, Destination, ObjectStoreError, StoreSettings, object_key, parse_url
 from .segment_format import fsync_dir
+from .segment_index import remove_index
 from .ship_metrics import ShipMetrics
 from .ship_state import ShippedState
 
@@ -295,6 +296,7 @@ class Shipper:
         """Record the confirmed upload durably, then apply the after-upload policy."""
         if self.settings.after_upload == "delete":
             item.path.unlink(missing_ok=True)
+            remove_index(item.path)
             fsync_dir(self.directory)
         else:
             assert item.key is not None

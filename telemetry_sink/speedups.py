@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol, TokenBucketProtocol
+from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol, RecordSpan, TokenBucketProtocol
 
 NO_EXTENSIONS = bool(os.environ.get("TELEMETRY_SINK_NO_EXTENSIONS"))
 FALLBACK_REASON: str | None = None
@@ -18,7 +18,15 @@ FALLBACK_REASON: str | None = None
 try:
     if NO_EXTENSIONS:
         raise ImportError("TELEMETRY_SINK_NO_EXTENSIONS is set")
-    from ._speedups import IMPLEMENTATION, BatchDecryptor, BatchFramer, TokenBucket, check_records, dump_records
+    from ._speedups import (
+        IMPLEMENTATION,
+        BatchDecryptor,
+        BatchFramer,
+        TokenBucket,
+        check_records,
+        dump_records,
+        record_span,
+    )
 except ImportError as exc:  # not compiled: the twin behaves the same, only slower
     FALLBACK_REASON = str(exc) if NO_EXTENSIONS else f"the extension is not built ({exc})"
     from ._speedups_py import (  # type: ignore[assignment]
@@ -28,6 +36,7 @@ except ImportError as exc:  # not compiled: the twin behaves the same, only slow
         TokenBucket,
         check_records,
         dump_records,
+        record_span,
     )
 
 HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
@@ -40,6 +49,7 @@ HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
 _framer: type[BatchFramerProtocol] = BatchFramer
 _bucket: type[TokenBucketProtocol] = TokenBucket
 _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
+_span: RecordSpan = record_span
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket", "check_records", "dump_records"]
+           "TokenBucket", "check_records", "dump_records", "record_span"]
