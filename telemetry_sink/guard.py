@@ -108,8 +108,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             handshaking = len(pending)
         super().connection_made(transport)
         if len(self.connections) + handshaking > self.max_connections:
-            log.warning("connection limit (%d) reached: closing a new connection", self.max_connections)
             transport.close()
+            _count_refusal(self.server_state, self.loop.time(), self.max_connections)
             return
         self._deadline = self.loop.time() + self.header_timeout_s
         state = self.server_state
@@ -263,8 +263,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return self._in_body and cycle is not None and not cycle.response_started
 
 
+# Refused connections of each server: [count not yet logged, loop time of the last summary line].
+# A flood of refusals is one warning line per interval, not one per connection.
+REFUSAL_LOG_INTERVAL_S = 10.0
+_refusals: weakref.WeakKeyDictionary[ServerState, list[float]] = weakref.WeakKeyDictionary()
+
+
+def _count_refusal(state: ServerState, now: float, limit: int) -> None:
+    counts = _refusals.setdefault(state, [0, -REFUSAL_LOG_INTERVAL_S])
+    counts[0] += 1
+    _log_refusals(state, now, limit)
+
+
+def _log_refusals(state: ServerState, now: float, limit: int) -> None:
+    counts = _refusals.get(state)
+    if counts is None or not counts[0] or now - counts[1] < REFUSAL_LOG_INTERVAL_S:
+        return
+    log.warning("connection limit (%d) reached: closed %d new connection(s) since the last such line",
+                limit, int(counts[0]), extra={"event": "connections_refused", "connections": int(counts[0])})
+    counts[0], counts[1] = 0, now
+
+
 def _sweep(loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
     now = loop.time()
+    _log_refusals(state, now, GuardedHttpToolsProtocol.max_connections)
     pending = _handshakes.get(state)
     if pending:  # handshakes past their deadline were aborted by the loop (GuardedLoop)
         expired = now - GuardedHttpToolsProtocol.header_timeout_s

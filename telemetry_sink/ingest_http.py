@@ -182,9 +182,12 @@ class IngestHandler:
         idempotency_key: bytes | None = None
         for name, value in raw_headers:
             if name == b"content-type":
-                fmt = self.media_types.get(value.split(b";", 1)[0].strip().lower())
+                media_type, _, params = value.partition(b";")
+                fmt = self.media_types.get(media_type.strip().lower())
                 if fmt is None:
                     raise _error(415, "unsupported_media_type", self.media_type_detail)
+                if params:
+                    _check_charset(params)
             elif name == b"content-length":
                 try:
                     length = int(value)
@@ -218,6 +221,17 @@ class IngestHandler:
         """Count the wire bytes and undo the content encoding (bounded by max_body_bytes)."""
         self.service.stats.bytes_received += len(wire)
         return wire if head.encoding == b"identity" else gunzip_bounded(wire, self.max_body_bytes)
+
+
+def _check_charset(params: bytes) -> None:
+    """415 for a charset other than UTF-8 (the body would be parsed as UTF-8 all the same)."""
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"charset":
+            charset = value.strip().strip(b'"').lower()
+            if charset not in (b"utf-8", b"utf8"):
+                raise _error(415, "unsupported_media_type",
+                             f"charset {charset.decode('latin-1')!r} is not supported: send UTF-8 (charset=utf-8)")
 
 
 class _Disconnected(Exception):

@@ -4,6 +4,8 @@ check a token's right to write each record's node_id."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +35,8 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
                  slice_records: int = 0) -> Iterator[list[Any]]:
     """parse_body in pieces of `slice_records` NDJSON lines (0: one piece), so that a caller can
     yield to others between them; a JSON document is always one piece (one C call)."""
+    if _LONG_DIGITS.search(body) is not None:
+        _refuse_wide_integers(body, fmt)
     if fmt == "ndjson":
         # A C-speed count bounds the per-line work before it starts (blank lines count too).
         if body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
@@ -70,6 +74,38 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
         yield doc
         return
     raise _invalid(0, f"the body must be a JSON object or an array of objects, not {_json_type(doc)}")
+
+
+# orjson keeps integers from -2**63 to 2**64 - 1 exactly and silently makes wider ones floats. Only a
+# body with a run of 19 or more digits can hold one: those (rare) bodies are checked exactly.
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _refuse_wide_integers(body: bytes, fmt: str) -> None:
+    """422 naming the first record holding an integer beyond 64 bits (parsed exactly by the stdlib)."""
+    try:
+        if fmt == "ndjson":
+            docs = [json.loads(line) for line in body.split(b"\n") if line.strip()]
+        else:
+            doc = json.loads(body)
+            docs = doc if type(doc) is list else [doc]
+        for index, record in enumerate(docs):
+            if _holds_wide_integer(record):
+                raise _invalid(index, f"an integer beyond 64 bits ({_INT_MIN} to {_INT_MAX}) cannot be stored "
+                                      f"exactly: send it as a string")
+    except (ValueError, RecursionError):
+        return  # not valid JSON, or nested too deep: the regular parse refuses it with its own answer
+
+
+def _holds_wide_integer(value: Any) -> bool:
+    if type(value) is int:
+        return not _INT_MIN <= value <= _INT_MAX
+    if type(value) is dict:
+        return any(_holds_wide_integer(v) for v in value.values())
+    if type(value) is list:
+        return any(_holds_wide_integer(v) for v in value)
+    return False
 
 
 def _json_type(value: object) -> str:

@@ -874,3 +874,25 @@ def test_trailing_slash_is_404_not_a_redirect_built_from_the_host_header(start_s
                           headers={"content-type": "application/json", "host": "evil.example"})
     assert response.status_code == 404
     assert "location" not in response.headers
+
+
+def test_charsets_other_than_utf8_are_refused_with_415(start_server: StartServer) -> None:
+    server = start_server()
+    body = '{"node_id": "n"}'
+    refused = server.post(body.encode("utf-16"), content_type="application/json; charset=utf-16")
+    assert_error(refused, 415, "unsupported_media_type")
+    assert "utf-16" in refused.json()["detail"]
+    assert server.post(body, content_type='application/json; charset="UTF-8"').status_code == 202
+
+
+def test_integers_beyond_64_bits_are_refused_not_rounded(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server()
+    too_wide = server.post(b'[{"node_id": "a", "v": 1}, {"node_id": "b", "v": 18446744073709551616}]')
+    body = assert_error(too_wide, 422, "invalid_record")
+    assert body["index"] == 1 and "64 bits" in body["detail"]
+    assert_error(server.post(b'{"node_id": "c", "v": -9223372036854775809}'), 422, "invalid_record")
+    edges = b'{"node_id": "d", "lo": -9223372036854775808, "hi": 18446744073709551615, "s": "123456789012345678901"}'
+    assert server.post(edges).status_code == 202
+    server.stop()
+    [stored] = cli_read(server.config_path)
+    assert (stored["lo"], stored["hi"], stored["s"]) == (-(2**63), 2**64 - 1, "123456789012345678901")

@@ -244,6 +244,19 @@ def test_connection_limit_closes_the_excess_at_once(start_server: StartServer,
     assert "connection limit (20) reached" in server.log()
 
 
+def test_a_flood_of_refused_connections_is_one_log_line_per_interval(
+        start_server: StartServer, sockets: Callable[[ServerProcess], socket.socket]) -> None:
+    server = slow_server(start_server, header_timeout_s=5, max_connections=5)
+    held = [sockets(server) for _ in range(5)]
+    wait_for(lambda: server_connections(server.port)[0] >= 5, what="the server to hold 5 connections")
+    flood = [sockets(server) for _ in range(200)]
+    wait_for(lambda: sum(is_closed(s, 0) for s in flood) >= 200, timeout=20, what="all 200 to be refused")
+    lines = [line for line in server.log().splitlines() if "connection limit (5) reached" in line]
+    assert 1 <= len(lines) <= 2, lines  # not 200: the first at once, the rest summed up per 10 s
+    for s in held + flood:
+        s.close()
+
+
 @pytest.mark.slow
 def test_many_trickling_clients_do_not_pin_memory(start_server: StartServer) -> None:
     clients = 200
