@@ -153,7 +153,8 @@ class ServerConfig:
 
 @section
 class IngestConfig:
-    max_body_bytes: int = key(_positive_int, "1048576", "largest request body; larger: 413")
+    max_body_bytes: int = key(_positive_int, "4194304", "largest request body; larger: 413 (4 MiB: above the ~2.3 MB "
+                              "chunks Fluent Bit's http output posts)")
     max_records_per_request: int = key(_positive_int, "10000", "most records in one request, counted before "
                                        "parsing (NDJSON: lines); more: 413 `too_many_records`")
     ack: str = key(str, "buffered", "`buffered`: 202 once the records are in the memory buffer; `durable`: 202 "
@@ -164,13 +165,17 @@ class IngestConfig:
                                     "segments without the keyed flag")
     idempotency_max_keys: int = key(_positive_int, "100000", "at most this many keys are remembered (about 200 "
                                     "bytes each); past it the oldest answered key is forgotten early")
+    node_id_header: str | None = key(_text, "", "a request header (e.g. `X-Node-Id`) whose value becomes the "
+                                     "`node_id` of records that have none, for agents that cannot add a field; "
+                                     "empty: off", optional=True)
 
 
 @section
 class RateLimitConfig:
     bytes_per_second: int = key(_non_negative_int, "33554432", "global refill rate over request body bytes; "
                                 "`0` disables the limit")
-    burst_bytes: int = key(_positive_int, "8388608", "bucket capacity")
+    burst_bytes: int = key(_positive_int, "33554432", "bucket capacity (split between workers, each share at "
+                           "least max_body_bytes)")
     mode: str = key(str, "reject", "`reject`: 429 at once; `delay`: wait up to `max_delay_ms`, then 429",
                     choices=RATE_LIMIT_MODES)
     max_delay_ms: int = key(_non_negative_int, "1000", "longest wait in `delay` mode")

@@ -175,6 +175,7 @@ def create_app(
     *,
     tokens: TokenTable | None = None,
     registry: CollectorRegistry | None = None,
+    node_id_header: str | None = None,
 ) -> IngestFastPath:
     """Build the ASGI app; its lifespan starts the writer task and drains it on shutdown."""
     registry = registry if registry is not None else CollectorRegistry()
@@ -197,7 +198,7 @@ def create_app(
 
     # No slash redirects: a 307 for /telemetry/ would build its Location from the client's Host header.
     api = FastAPI(title="telemetry-sink", version=__version__, lifespan=lifespan, redirect_slashes=False)
-    handler = IngestHandler(service, max_body_bytes, tokens)
+    handler = IngestHandler(service, max_body_bytes, tokens, node_id_header=node_id_header)
     otlp_handler = IngestHandler(service, max_body_bytes, tokens, media_types=otlp.MEDIA_TYPES,
                                  media_type_detail=otlp.MEDIA_TYPE_DETAIL, success=_otlp_success)
 

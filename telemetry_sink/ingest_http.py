@@ -94,6 +94,7 @@ class IngestHead:
     encoding: bytes
     principal: Principal | None
     idempotency_key: bytes | None = None
+    default_node: str | None = None  # from [ingest] node_id_header
 
 
 class IngestHandler:
@@ -111,6 +112,7 @@ class IngestHandler:
         media_types: Mapping[bytes, str] = MEDIA_TYPES,
         media_type_detail: str = _MEDIA_TYPE_DETAIL,
         success: Callable[[str, int], Answer] = telemetry_accepted,
+        node_id_header: str | None = None,
     ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
@@ -118,6 +120,8 @@ class IngestHandler:
         self.media_types = media_types
         self.media_type_detail = media_type_detail
         self.success = success
+        # The header (lower case, as the parser gives names) naming the node of records without one.
+        self.node_id_header = node_id_header.lower().encode("latin-1") if node_id_header else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -125,7 +129,8 @@ class IngestHandler:
             wire = await _read_body(receive, self.max_body_bytes)
             client = scope.get("client")
             accepted = await self.service.ingest(self.decode(head, wire), head.fmt, len(wire), head.principal,
-                                                 client[0] if client else None, head.idempotency_key)
+                                                 client[0] if client else None, head.idempotency_key,
+                                                 head.default_node)
         except _Disconnected:
             return  # the client went away, or the guard answered 408 (and counted it)
         except Exception as exc:
@@ -140,7 +145,7 @@ class IngestHandler:
         """The whole ingest of a complete body without awaiting (needs `service.can_decide_now`)."""
         try:
             accepted = self.service.ingest_now(self.decode(head, wire), head.fmt, len(wire), head.principal, client,
-                                               head.idempotency_key)
+                                               head.idempotency_key, head.default_node)
         except Exception as exc:
             return self.refusal(exc)
         return self.accepted(head.fmt, accepted)
@@ -180,6 +185,8 @@ class IngestHandler:
         encoding = b"identity"
         authorization: bytes | None = None
         idempotency_key: bytes | None = None
+        default_node: bytes | None = None
+        node_header = self.node_id_header
         for name, value in raw_headers:
             if name == b"content-type":
                 media_type, _, params = value.partition(b";")
@@ -199,6 +206,8 @@ class IngestHandler:
                 authorization = value
             elif name == b"idempotency-key":
                 idempotency_key = value
+            elif name == node_header:
+                default_node = value
         principal = None
         if self.tokens is not None:
             principal = self.tokens.authenticate(authorization)
@@ -215,7 +224,8 @@ class IngestHandler:
         limit = self.max_body_bytes
         if length is not None and length > limit:
             raise _error(413, "payload_too_large", f"the body is {length} bytes; the limit is {limit}")
-        return IngestHead(fmt, encoding, principal, key)
+        node = default_node.decode("utf-8", "replace").strip() if default_node is not None else None
+        return IngestHead(fmt, encoding, principal, key, node or None)
 
     def decode(self, head: IngestHead, wire: bytes) -> bytes:
         """Count the wire bytes and undo the content encoding (bounded by max_body_bytes)."""

@@ -108,6 +108,13 @@ def _holds_wide_integer(value: Any) -> bool:
     return False
 
 
+def fill_node_id(values: list[Any], node_id: str) -> None:
+    """Give every record (object) without a `node_id` this one ([ingest] node_id_header)."""
+    for record in values:
+        if type(record) is dict and "node_id" not in record:
+            record["node_id"] = node_id
+
+
 def _json_type(value: object) -> str:
     names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
              bool: "a boolean", type(None): "null"}

@@ -66,7 +66,7 @@ def build_app(config: Config, *, workers: int = 1) -> Any:
     configure_guard(srv.header_timeout_s, srv.body_timeout_s, srv.max_connections, on_timeout=service.count_timeout,
                     max_header_bytes=srv.max_header_bytes)
     app = create_app(service, config.ingest.max_body_bytes, srv.shutdown_timeout_s, tokens=tokens,
-                     registry=registry)
+                     registry=registry, node_id_header=config.ingest.node_id_header)
     configure_fast_lane(app.handler if srv.fast_lane == "on" else None)
     return app
 

@@ -22,7 +22,7 @@ from .metrics import Snapshot, WriterMetrics
 from .otlp import FORMATS as OTLP_FORMATS
 from .otlp import log_records
 from .rate_limiter import RateLimited, RateLimiter
-from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, parse_body, parse_slices
+from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, fill_node_id, parse_body, parse_slices
 from .segment_format import KeyEntry, list_segments
 from .segment_keys import recent_keys
 from .segment_writer import SegmentWriter
@@ -95,13 +95,14 @@ class TelemetryService:
         principal: Principal | None = None,
         client_key: str | None = None,
         idempotency_key: bytes | None = None,
+        default_node: str | None = None,
     ) -> int:
         """Store every record of one request, or none; return how many. Raises IngestError.
 
         `principal` (when auth is on) limits which node_ids may be written; per-node rate
         limits are keyed by the principal, else by `client_key` (the client address). A repeat
         of an answered request with the same `idempotency_key` returns a `Replayed` count and
-        stores nothing.
+        stores nothing. `default_node` becomes the node_id of records without one.
         """
         received_at, wait = self._admit(len(body), wire_bytes, principal, client_key)
         if wait > 0.0:
@@ -111,9 +112,9 @@ class TelemetryService:
             return claim
         try:
             if len(body) > SLICE_BODY_BYTES:
-                accepted, ack = await self._store_yielding(body, fmt, principal, received_at, claim)
+                accepted, ack = await self._store_yielding(body, fmt, principal, received_at, claim, default_node)
             else:
-                accepted, ack = self._store(body, fmt, principal, received_at, claim)
+                accepted, ack = self._store(body, fmt, principal, received_at, claim, default_node)
             if ack is not None:
                 try:
                     await ack
@@ -128,7 +129,8 @@ class TelemetryService:
         return self._finish(claim, accepted)
 
     def ingest_now(self, body: bytes, fmt: str, wire_bytes: int | None = None, principal: Principal | None = None,
-                   client_key: str | None = None, idempotency_key: bytes | None = None) -> int:
+                   client_key: str | None = None, idempotency_key: bytes | None = None,
+                   default_node: str | None = None) -> int:
         """`ingest` without awaiting, for when `can_decide_now`: the same rules in the same order."""
         if not self.can_decide_now:
             raise RuntimeError("ingest_now needs buffered acks and no delay-mode rate limit")
@@ -137,7 +139,7 @@ class TelemetryService:
         if isinstance(claim, Replayed):
             return claim
         try:
-            accepted = self._store(body, fmt, principal, received_at, claim)[0]
+            accepted = self._store(body, fmt, principal, received_at, claim, default_node)[0]
         except BaseException:
             self._abandon(claim)
             raise
@@ -198,15 +200,18 @@ class TelemetryService:
         return parse_body(body, fmt, self.max_records_per_request)
 
     def _store(self, body: bytes, fmt: str, principal: Principal | None, received_at: float,
-               claim: Claim | None = None) -> tuple[int, asyncio.Future[None] | None]:
+               claim: Claim | None = None, default_node: str | None = None) -> tuple[int, asyncio.Future[None] | None]:
         """Parse, validate and buffer the records (with their key, for the log): return their count
         and the durable ack (or None)."""
         values = self._values(body, fmt)
+        if default_node is not None:
+            fill_node_id(values, default_node)
         plaintexts, nbytes = encode_records(values, received_at)
         return self._buffer(values, plaintexts, nbytes, principal, claim)
 
     async def _store_yielding(self, body: bytes, fmt: str, principal: Principal | None, received_at: float,
-                              claim: Claim | None = None) -> tuple[int, asyncio.Future[None] | None]:
+                              claim: Claim | None = None,
+                              default_node: str | None = None) -> tuple[int, asyncio.Future[None] | None]:
         """`_store` for a large body: the same steps in slices of SLICE_RECORDS, yielding to the
         event loop between them (a few ms each, however large the body), all or nothing."""
         values: list[Any] = []
@@ -216,6 +221,8 @@ class TelemetryService:
             for piece in parse_slices(body, fmt, self.max_records_per_request, SLICE_RECORDS):
                 values.extend(piece)
                 await asyncio.sleep(0)
+        if default_node is not None:
+            fill_node_id(values, default_node)
         plaintexts: list[bytes] = []
         nbytes = 0
         for start in range(0, len(values), SLICE_RECORDS):

@@ -35,8 +35,12 @@ pytestmark = pytest.mark.skipif(bool(_why_not_runnable()), reason=_why_not_runna
 
 
 def fluent_bit_config(port: int, metrics_port: int, *, fmt: str, rate: int, samples: int, record: str,
-                      flush_s: float, retry_limit: str = "5") -> str:
-    """The documented out_http set-up (docs/client.md), fed by in_dummy; its own metrics on `metrics_port`."""
+                      flush_s: float, retry_limit: str = "5", node_header: str | None = None) -> str:
+    """The documented out_http set-up (docs/client.md), fed by in_dummy; its own metrics on `metrics_port`.
+    With `node_header`, the node id travels in that request header instead of a record_modifier filter."""
+    node = f"    Header           {node_header} fluent-bit-node\n" if node_header else ""
+    modifier = "" if node_header else (
+        "[FILTER]\n    Name   record_modifier\n    Match  *\n    Record node_id fluent-bit-node\n")
     return f"""
 [SERVICE]
     Flush        {flush_s}
@@ -50,11 +54,7 @@ def fluent_bit_config(port: int, metrics_port: int, *, fmt: str, rate: int, samp
     Dummy   {record}
     Rate    {rate}
     Samples {samples}
-[FILTER]
-    Name   record_modifier
-    Match  *
-    Record node_id fluent-bit-node
-[OUTPUT]
+{modifier}[OUTPUT]
     Name             http
     Match            *
     Host             127.0.0.1
@@ -64,7 +64,7 @@ def fluent_bit_config(port: int, metrics_port: int, *, fmt: str, rate: int, samp
     json_date_key    ts
     json_date_format double
     Retry_Limit      {retry_limit}
-"""
+{node}"""
 
 
 @pytest.fixture
@@ -127,25 +127,34 @@ BIG_RECORDS = {"fmt": "json_lines", "rate": 2000, "samples": 6000, "flush_s": 1,
                "record": '{"v": 2, "pad": "' + "x" * 1000 + '"}'}
 
 
-def test_fluent_bit_chunks_need_a_body_limit_above_its_chunk_size(start_server: StartServer,
-                                                                  run_fluent_bit: Any) -> None:
+def test_fluent_bit_big_chunks_all_arrive_with_the_default_body_limit(start_server: StartServer,
+                                                                      run_fluent_bit: Any) -> None:
     # ~1 KB records at 2000/s with a 1 s flush: Fluent Bit posts ~1.8 MB bodies (its chunks reach ~2 MB of
-    # msgpack, ~2.3 MB as JSON), so a server taking Fluent Bit needs max_body_bytes of 4 MiB (docs/client.md).
-    server = start_server({"ingest": {"max_body_bytes": 4 * 1024 * 1024}})
+    # msgpack, ~2.3 MB as JSON); the default max_body_bytes (4 MiB) takes them (docs/client.md).
+    server = start_server()
     metrics = free_port()
     run_fluent_bit(fluent_bit_config(server.port, metrics, **BIG_RECORDS))
     assert output_done(metrics, 6000)["dropped_records"] == 0
     assert len(wait_records(server, 6000)) == 6000
 
 
-def test_fluent_bit_loses_chunks_over_the_default_body_limit(start_server: StartServer,
-                                                            run_fluent_bit: Any) -> None:
-    # The same stream against the default 1 MiB: the server answers 413 (from Content-Length, closing the
+def test_fluent_bit_loses_chunks_over_a_body_limit_below_its_chunk_size(start_server: StartServer,
+                                                                        run_fluent_bit: Any) -> None:
+    # Why the default is 4 MiB: against 1 MiB the server answers 413 (from Content-Length, closing the
     # connection unread, so Fluent Bit sees a 413 or a reset connection) and Fluent Bit drops the whole chunk
     # once its retries are spent (none here; each retry would be refused the same way).
-    server = start_server()
+    server = start_server({"ingest": {"max_body_bytes": 1024 * 1024}, "rate_limit": {"burst_bytes": 8 << 20}})
     metrics = free_port()
     run_fluent_bit(fluent_bit_config(server.port, metrics, retry_limit="no_retries", **BIG_RECORDS))
     done = output_done(metrics, 6000)
     assert done["dropped_records"] > 0
     assert len(wait_records(server, done["proc_records"])) == done["proc_records"] < 6000
+
+
+def test_fluent_bit_without_a_node_field_sends_it_in_a_header(start_server: StartServer, run_fluent_bit: Any) -> None:
+    # No record_modifier filter: out_http's `Header X-Node-Id ...` and [ingest] node_id_header fill node_id in.
+    server = start_server({"ingest": {"node_id_header": "X-Node-Id"}})
+    run_fluent_bit(fluent_bit_config(server.port, free_port(), fmt="json", rate=200, samples=400,
+                                     record='{"v": 3}', flush_s=0.5, node_header="X-Node-Id"))
+    stored = wait_records(server, 400)
+    assert len(stored) == 400 and all(r["node_id"] == "fluent-bit-node" and r["v"] == 3 for r in stored)

@@ -896,3 +896,13 @@ def test_integers_beyond_64_bits_are_refused_not_rounded(start_server: StartServ
     server.stop()
     [stored] = cli_read(server.config_path)
     assert (stored["lo"], stored["hi"], stored["s"]) == (-(2**63), 2**64 - 1, "123456789012345678901")
+
+
+def test_node_id_header_names_the_node_of_records_without_one(start_server: StartServer) -> None:
+    server = start_server({"ingest": {"node_id_header": "X-Node-Id"}})
+    body = b'[{"v": 1}, {"node_id": "own", "v": 2}]'
+    assert server.post(body, headers={"x-node-id": "from-header"}).json() == {"accepted": 2}
+    missing = assert_error(server.post(b'{"v": 3}'), 422, "invalid_record")  # no header: as before
+    assert missing["index"] == 0 and "node_id" in missing["detail"]
+    server.stop()
+    assert [(r["node_id"], r["v"]) for r in cli_read(server.config_path)] == [("from-header", 1), ("own", 2)]
