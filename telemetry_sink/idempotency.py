@@ -15,9 +15,11 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from .errors import IngestError
 from .segment_format import KeyEntry
+from .segment_keys import recent_keys
 
 log = logging.getLogger("telemetry_sink.idempotency")
 
@@ -119,6 +121,15 @@ class IdempotencyTable:
         slot = self._slots.get(key)
         if slot is not None and slot[1] == IN_FLIGHT:
             del self._slots[key]
+
+    def recover(self, directory: Path, wall_now: float) -> int:
+        """Load the keys of the requests logged in `directory` within the window (at start-up, after
+        the writer recovered its tail); returns how many."""
+        started = time.monotonic()
+        loaded = self.load(recent_keys(directory, int((wall_now - self.window_s) * 1000), self.max_keys))
+        log.info("idempotency: %d keys of the last %ds recovered from the log in %.2fs", loaded, self.window_s,
+                 time.monotonic() - started, extra={"event": "idempotency_keys_recovered", "keys": loaded})
+        return loaded
 
     def load(self, entries: Iterable[tuple[int, KeyEntry]]) -> int:
         """Remember answered keys found in the log as (batch created_ms, entry), oldest first;

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .segment_format import list_segments
+from .speedups import IMPLEMENTATION
+
+if TYPE_CHECKING:
+    from .service import TelemetryService
 
 PREFIX = "telemetry_sink"
 
@@ -91,3 +98,43 @@ class SinkCollector(Collector):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)
         for name, value in sorted(s.counters.items()):
             yield CounterMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)
+
+def snapshot_of(service: TelemetryService) -> Snapshot:
+    """The service's counters and gauges for one /metrics scrape."""
+    segments = 0
+    segment_bytes = 0
+    for path in list_segments(service.writer.directory):
+        try:
+            segment_bytes += path.stat().st_size
+        except FileNotFoundError:  # deleted by retention meanwhile
+            continue
+        segments += 1
+    stats, wstats = service.stats, service.writer.stats
+    return Snapshot(
+        implementation=IMPLEMENTATION,
+        requests_by_status=dict(stats.requests_by_status),
+        rejected_by_reason=dict(stats.rejected_by_reason),
+        records_accepted=stats.records_accepted,
+        bytes_received=stats.bytes_received,
+        buffer_records=service.buffer.records,
+        buffer_bytes=service.buffer.bytes,
+        records_written=wstats.records,
+        write_errors=wstats.write_errors,
+        segments=segments,
+        segment_bytes=segment_bytes,
+        segments_deleted=wstats.segments_deleted,
+        fast_lane_requests=stats.fast_lane_requests,
+        gauges={"rate_limit_node_buckets": service.rate_limiter.node_buckets,
+                "buffer_max_records": service.buffer.max_records, "buffer_max_bytes": service.buffer.max_bytes,
+                **_idempotency_gauges(service)},
+        counters=_idempotency_counters(service),
+    )
+
+
+def _idempotency_gauges(service: TelemetryService) -> dict[str, float]:
+    return {} if service.idempotency is None else {"idempotency_keys": len(service.idempotency)}
+
+def _idempotency_counters(service: TelemetryService) -> dict[str, float]:
+    table = service.idempotency
+    return {} if table is None else {"idempotent_replays": table.replays,
+                                      "idempotency_keys_evicted": table.evicted}

@@ -7,12 +7,9 @@ loop never blocks on the disk, and batches stay in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import fcntl
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +21,9 @@ from .buffer import BufferManager
 from .config import FSYNC_POLICIES
 from .crypto import CryptoService
 from .metrics import WriterMetrics
-from .segment_format import MAX_SEQ, fsync_dir, write_all
-from .segment_index import Span, remove_index, write_index
+from .segment_files import apply_retention, create_segment
+from .segment_format import MAX_SEQ, write_all
+from .segment_index import Span, write_index
 from .segment_recovery import (
     Recovery,
     WriterLockedError,
@@ -61,35 +59,6 @@ class WriterStats:
     last_error: str | None = None  # set while writes are failing, cleared by the next success
     last_errno: int | None = None
     retry_at: float = 0.0  # time.monotonic() of the next write attempt after a failure
-
-
-def _create_segment(path: Path, header: bytes = segment_format.FILE_HEADER_BYTES) -> int:
-    """Create `path` holding just the file header, durably, and return its fd (O_APPEND).
-
-    On failure (a full disk at roll-over) no fd is left open and no header-only file is left
-    behind to make every retry fail with FileExistsError. Should the unlink fail as well, the
-    retry finds that header-only file (nothing of ours is in it) and starts it over.
-    """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        fd = os.open(path, flags)
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > segment_format.FILE_HEADER_SIZE:
-            os.close(fd)
-            raise FileExistsError(errno.EEXIST, "a segment with this name already holds data", str(path)) from None
-        os.ftruncate(fd, 0)
-    try:
-        write_all(fd, header)
-        os.fsync(fd)
-        fsync_dir(path.parent)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
-    return fd
 
 
 class SegmentWriter:
@@ -198,7 +167,7 @@ class SegmentWriter:
 
     def _open_segment(self, path: Path, create: bool) -> None:
         if create:
-            fd = _create_segment(path, segment_format.file_header_bytes(segment_format.FLAG_KEYED if self.keyed else 0))
+            fd = create_segment(path, segment_format.file_header_bytes(segment_format.FLAG_KEYED if self.keyed else 0))
             log.info("opened segment %s", path.name, extra={"event": "segment_opened", "segment": path.name})
         else:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
@@ -314,28 +283,10 @@ class SegmentWriter:
         """Delete this series' oldest sealed segments beyond the size or age budget."""
         if not (self.retention_bytes or self.retention_days) or self.series is None:
             return
-        mine = segment_format.series_segments(self.directory, self.series)
-        sizes = {p: p.stat().st_size for p in mine}
-        total = sum(sizes.values())
-        budget = self.retention_bytes / self.workers  # workers share the budget evenly
-        cutoff = time.time() - self.retention_days * 86400
-        for path in mine:
-            if path == self._segment:
-                break  # never the active segment (always the newest)
-            too_big = self.retention_bytes > 0 and total > budget
-            too_old = self.retention_days > 0 and path.stat().st_mtime < cutoff
-            if not (too_big or too_old):
-                break
-            if self.may_delete is not None and not self.may_delete(path):
-                continue  # not yet confirmed in object storage: kept, even past the budget
-            path.unlink()
-            remove_index(path)
-            total -= sizes[path]
-            self.stats.segments_deleted += 1
-            reason = "over retention_bytes" if too_big else "older than retention_days"
-            log.info("retention: deleted segment %s (%d bytes, %s)", path.name, sizes[path], reason,
-                     extra={"event": "retention_delete", "segment": path.name, "bytes": sizes[path],
-                            "reason": reason})
+        # Workers share the size budget evenly; never the active segment (always the newest).
+        self.stats.segments_deleted += apply_retention(self.directory, self.series, self._segment,
+                                                       self.retention_bytes / self.workers, self.retention_days,
+                                                       self.may_delete)
 
     def _housekeeping(self) -> None:
         """Periodic, on the writer thread: fsync an idle tail, seal an aged segment, retention."""

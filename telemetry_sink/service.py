@@ -18,18 +18,18 @@ from .config import Config
 from .crypto import CryptoService
 from .errors import WRITE_FAILED_RETRY_S, IngestError, buffer_full, shutting_down, storage_error
 from .idempotency import IdempotencyTable, Replayed, body_digest, key_digest
-from .metrics import Snapshot, WriterMetrics
+from .metrics import Snapshot, WriterMetrics, snapshot_of
 from .otlp import FORMATS as OTLP_FORMATS
 from .otlp import log_records
 from .rate_limiter import RateLimited, RateLimiter
 from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, fill_node_id, parse_body, parse_slices
-from .segment_format import KeyEntry, list_segments
-from .segment_keys import recent_keys
+from .segment_format import KeyEntry
 from .segment_writer import SegmentWriter
+from .service_status import ServiceStatus
 
 if TYPE_CHECKING:
     from .shipper import Shipper
-from .speedups import IMPLEMENTATION, record_span
+from .speedups import record_span
 
 log = logging.getLogger("telemetry_sink.service")
 # Bodies larger than this are parsed and encoded in slices of SLICE_RECORDS records that yield to
@@ -51,7 +51,7 @@ class IngestStats:
 
 
 
-class TelemetryService:
+class TelemetryService(ServiceStatus):
     """Admits requests (rate limit), stores their records in the buffer, runs the writer."""
 
     def __init__(
@@ -277,96 +277,15 @@ class TelemetryService:
     def recover_keys(self) -> int:
         """Load the idempotency keys of recently logged requests (blocking; after the writer's open()).
         Returns how many."""
-        table = self.idempotency
-        if table is None:
+        if self.idempotency is None:
             return 0
-        started = time.monotonic()
-        since_ms = int((self._wall_clock() - table.window_s) * 1000)
-        loaded = table.load(recent_keys(self.writer.directory, since_ms, table.max_keys))
-        log.info("idempotency: %d keys of the last %ds recovered from the log in %.2fs", loaded, table.window_s,
-                 time.monotonic() - started, extra={"event": "idempotency_keys_recovered", "keys": loaded})
-        return loaded
+        return self.idempotency.recover(self.writer.directory, self._wall_clock())
 
-    # -- what the adapter asks --
-
-    def count_response(self, status: int, error: str | None = None) -> None:
-        """Count one answered request (and, for a refusal, its reason) for /metrics."""
-        stats = self.stats
-        stats.requests_by_status[status] = stats.requests_by_status.get(status, 0) + 1
-        if error is not None:
-            stats.rejected_by_reason[error] = stats.rejected_by_reason.get(error, 0) + 1
-
-    def count_timeout(self) -> None:
-        """A request whose body did not arrive in time was answered 408 by the transport."""
-        self.count_response(408, "request_timeout")
-
-    def health(self) -> dict[str, Any]:
-        """Liveness: `status` is "ok" while the writer task runs."""
-        wstats = self.writer.stats
-        return {
-            "status": "ok" if self.writer_alive else "writer_stopped",
-            "implementation": IMPLEMENTATION,
-            "buffer_records": self.buffer.records,
-            "records_written": wstats.records,
-            "last_write_error": wstats.last_error,
-            **({"shipping": self.shipper.problem() or "ok"} if self.shipper is not None else {}),
-        }
-
-    def readiness(self) -> list[str]:
-        """Why the server should not get traffic now; [] means ready."""
-        reasons = []
-        if not self.writer_alive:
-            reasons.append("the writer is not running")
-        if self.closing:
-            reasons.append("shutting down")
-        if self.writer.stats.last_error is not None:
-            reasons.append(f"the last write failed: {self.writer.stats.last_error}")
-        if self.buffer.above(self.high_water_percent):
-            reasons.append(f"the buffer is above {self.high_water_percent}% of its bounds")
-        if self.shipper is not None and (problem := self.shipper.problem()) is not None:
-            reasons.append(problem)
-        return reasons
+    # -- lifecycle --
 
     def metrics_snapshot(self) -> Snapshot:
         """Counters and gauges for one /metrics scrape."""
-        segments = 0
-        segment_bytes = 0
-        for path in list_segments(self.writer.directory):
-            try:
-                segment_bytes += path.stat().st_size
-            except FileNotFoundError:  # deleted by retention meanwhile
-                continue
-            segments += 1
-        stats, wstats = self.stats, self.writer.stats
-        return Snapshot(
-            implementation=IMPLEMENTATION,
-            requests_by_status=dict(stats.requests_by_status),
-            rejected_by_reason=dict(stats.rejected_by_reason),
-            records_accepted=stats.records_accepted,
-            bytes_received=stats.bytes_received,
-            buffer_records=self.buffer.records,
-            buffer_bytes=self.buffer.bytes,
-            records_written=wstats.records,
-            write_errors=wstats.write_errors,
-            segments=segments,
-            segment_bytes=segment_bytes,
-            segments_deleted=wstats.segments_deleted,
-            fast_lane_requests=stats.fast_lane_requests,
-            gauges={"rate_limit_node_buckets": self.rate_limiter.node_buckets,
-                    "buffer_max_records": self.buffer.max_records, "buffer_max_bytes": self.buffer.max_bytes,
-                    **self._idempotency_gauges()},
-            counters=self._idempotency_counters(),
-        )
-
-    def _idempotency_gauges(self) -> dict[str, float]:
-        return {} if self.idempotency is None else {"idempotency_keys": len(self.idempotency)}
-
-    def _idempotency_counters(self) -> dict[str, float]:
-        table = self.idempotency
-        return {} if table is None else {"idempotent_replays": table.replays,
-                                          "idempotency_keys_evicted": table.evicted}
-
-    # -- lifecycle --
+        return snapshot_of(self)
 
     @property
     def writer_alive(self) -> bool:
