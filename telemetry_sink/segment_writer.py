@@ -191,7 +191,7 @@ class SegmentWriter:
         if sealed is not None and self._span is not None and self._span.records:
             try:
                 write_index(sealed, self._size, segment_format.parse_segment_name(sealed)[1], self.next_seq, self._span)
-            except OSError as exc:  # only a hint: readers then read the segment in full
+            except (OSError, ValueError, TypeError) as exc:  # only a hint: readers then read it in full
                 log.warning("could not write the index of %s: %s", name, exc)
         self._span = None
         if self.on_sealed is not None and sealed is not None:

@@ -70,6 +70,12 @@ class RecordingProxy:
         self._ready.set()
         async with server:
             await self._stop.wait()
+        # Connections still open: end their handlers here, so each closes its sockets while the loop
+        # runs (left pending, they would be destroyed with the loop, their writers unclosed).
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None

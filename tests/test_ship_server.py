@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from conftest import ServerProcess, StartServer, run_cli, wait_for, write_log
 from cryptography.fernet import Fernet
 from s3_support import RO, RW, SeaweedS3
@@ -24,6 +25,12 @@ from telemetry_sink.ship_state import MARKER_DIR
 from telemetry_sink.shipper import first_created_ms
 
 GRACEFUL_EXIT = (0, -signal.SIGTERM)  # uvicorn may re-raise the signal after a clean shutdown
+
+
+@pytest.fixture(scope="module")
+def lane() -> str:
+    """One HTTP lane: shipping does not depend on it, and the session's bucket keeps one run's objects."""
+    return "fast"
 
 
 def ship_overrides(s3: SeaweedS3, prefix: str, directory: Path, **ship: Any) -> dict[str, dict[str, Any]]:
