@@ -5,7 +5,6 @@ check a token's right to write each record's node_id."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,12 +34,12 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
                  slice_records: int = 0) -> Iterator[list[Any]]:
     """parse_body in pieces of `slice_records` NDJSON lines (0: one piece), so that a caller can
     yield to others between them; a JSON document is always one piece (one C call)."""
-    if _LONG_DIGITS.search(body) is not None:
+    # A C-speed count bounds the per-line work before it starts (NDJSON; blank lines count too).
+    if fmt == "ndjson" and body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
+        raise _too_many(max_records)
+    if _LONG_DIGITS in body.translate(_DIGITS_AS_ZERO):  # C speed: no per-byte Python work
         _refuse_wide_integers(body, fmt)
     if fmt == "ndjson":
-        # A C-speed count bounds the per-line work before it starts (blank lines count too).
-        if body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
-            raise _too_many(max_records)
         lines = body.split(b"\n")
         step = slice_records or len(lines)
         seen = 0
@@ -78,7 +77,8 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
 
 # orjson keeps integers from -2**63 to 2**64 - 1 exactly and silently makes wider ones floats. Only a
 # body with a run of 19 or more digits can hold one: those (rare) bodies are checked exactly.
-_LONG_DIGITS = re.compile(rb"\d{19,}")
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGITS = b"0" * 19
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
