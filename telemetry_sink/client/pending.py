@@ -31,7 +31,22 @@ class PendingStore(Protocol):
     def close(self) -> None: ...
 
 
-class MemoryPending:
+class SealedQueue:
+    """What both stores share: their sealed batches, oldest first."""
+
+    _sealed: deque[Batch]
+
+    def oldest(self, skip: Batch | None = None) -> Batch | None:
+        for batch in self._sealed:
+            if batch is not skip:
+                return batch
+        return None
+
+    def sealed_records(self) -> int:
+        return sum(b.records for b in self._sealed)
+
+
+class MemoryPending(SealedQueue):
     """The store without a spool: lost with the process, bounded by max_pending_bytes like the spool."""
 
     def __init__(self) -> None:
@@ -61,14 +76,6 @@ class MemoryPending:
         self.open_records = self.open_bytes = 0
         return batch
 
-    def oldest(self, skip: Batch | None = None) -> Batch | None:
-        for batch in self._sealed:
-            if batch is not skip:
-                return batch
-        return None
-
-    def sealed_records(self) -> int:
-        return sum(b.records for b in self._sealed)
 
     def ndjson(self, batch: Batch) -> bytes:
         assert batch.ndjson is not None

@@ -27,6 +27,7 @@ import orjson
 
 from .batching import Batch, new_key
 from .errors import ClientError, RejectedError
+from .pending import SealedQueue
 
 log = logging.getLogger("telemetry_sink.client")
 
@@ -43,7 +44,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-class DiskSpool:
+class DiskSpool(SealedQueue):
     """`PendingStore` on disk (see the module docstring for layout and durability)."""
 
     def __init__(self, directory: Path, fsync: bool) -> None:
@@ -129,14 +130,6 @@ class DiskSpool:
         self.open_records = self.open_bytes = 0
         return batch
 
-    def oldest(self, skip: Batch | None = None) -> Batch | None:
-        for batch in self._sealed:
-            if batch is not skip:
-                return batch
-        return None
-
-    def sealed_records(self) -> int:
-        return sum(b.records for b in self._sealed)
 
     def ndjson(self, batch: Batch) -> bytes:
         assert batch.path is not None
