@@ -325,9 +325,9 @@ def start_reference(kind: str, workdir: Path) -> Server:
     return server
 
 
-# -- Fluent Bit 5.1.1, the C peer (/work/shared/peers/fluent-bit/README.md) --
+# -- Fluent Bit 5.1.1, the C peer (../shared/peers/fluent-bit/README.md, beside the checkout) --
 
-FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", "/work/shared/peers/fluent-bit/fluent-bit"))
+FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", ROOT.parent / "shared" / "peers" / "fluent-bit" / "fluent-bit"))
 _FLUENT_BIT_CONF = """[SERVICE]
     Flush        1
     Grace        30
