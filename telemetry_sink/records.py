@@ -5,6 +5,7 @@ check a token's right to write each record's node_id."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,8 +38,7 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
     # A C-speed count bounds the per-line work before it starts (NDJSON; blank lines count too).
     if fmt == "ndjson" and body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
         raise _too_many(max_records)
-    if _LONG_DIGITS in body.translate(_DIGITS_AS_ZERO):  # C speed: no per-byte Python work
-        _refuse_wide_integers(body, fmt)
+    wide = _LONG_DIGITS in body.translate(_DIGITS_AS_ZERO)  # C speed: no per-byte Python work
     if fmt == "ndjson":
         lines = body.split(b"\n")
         step = slice_records or len(lines)
@@ -53,6 +53,8 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
                     values.append(loads(line))
                 except orjson.JSONDecodeError as exc:
                     raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
+                if wide and _LONG_DIGITS in line.translate(_DIGITS_AS_ZERO):
+                    _refuse_wide_integers(line, seen + len(values) - 1)
             seen += len(values)
             if start + step >= len(lines) and not seen:
                 raise _invalid(0, "the body holds no records")
@@ -62,6 +64,8 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise IngestError(400, "invalid_json", str(exc)) from None
+    if wide:
+        _refuse_wide_integers(body, 0)
     if type(doc) is dict:
         yield [doc]
         return
@@ -80,22 +84,25 @@ def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
 _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 _LONG_DIGITS = b"0" * 19
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_MAX_DEPTH = 1024  # orjson refuses deeper documents
 
 
-def _refuse_wide_integers(body: bytes, fmt: str) -> None:
-    """422 naming the first record holding an integer beyond 64 bits (parsed exactly by the stdlib)."""
+def _refuse_wide_integers(text: bytes, first_index: int) -> None:
+    """422 naming the first record of `text` (one NDJSON line, or the whole JSON document) that holds
+    an integer beyond 64 bits, found by the stdlib's exact parse. Called only after orjson parsed
+    `text`, so its nesting is within orjson's 1024 levels: the recursion limit is raised to match,
+    so that no RecursionError can occur here."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * _MAX_DEPTH))
     try:
-        if fmt == "ndjson":
-            docs = [json.loads(line) for line in body.split(b"\n") if line.strip()]
-        else:
-            doc = json.loads(body)
-            docs = doc if type(doc) is list else [doc]
-        for index, record in enumerate(docs):
+        doc = json.loads(text)
+        docs = doc if type(doc) is list else [doc]
+        for index, record in enumerate(docs, first_index):
             if _holds_wide_integer(record):
                 raise _invalid(index, f"an integer beyond 64 bits ({_INT_MIN} to {_INT_MAX}) cannot be stored "
                                       f"exactly: send it as a string")
-    except (ValueError, RecursionError):
-        return  # not valid JSON, or nested too deep: the regular parse refuses it with its own answer
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def _holds_wide_integer(value: Any) -> bool:
