@@ -25,6 +25,8 @@ from pathlib import Path
 
 import orjson
 
+# The segment format module is standard library only: sharing its helper costs the client nothing.
+from ..segment_format import fsync_dir
 from .batching import Batch, new_key
 from .errors import ClientError, RejectedError
 from .pending import SealedQueue
@@ -34,14 +36,6 @@ log = logging.getLogger("telemetry_sink.client")
 
 class SpoolLockedError(ClientError):
     """Another client process has this spool directory open."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DiskSpool(SealedQueue):
@@ -101,7 +95,7 @@ class DiskSpool(SealedQueue):
                 os.fsync(f.fileno())
         open_path.rename(path)
         if self._fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return path
 
     def append(self, line: bytes) -> None:
