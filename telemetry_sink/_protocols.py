@@ -3,6 +3,7 @@ here once; `speedups.py` picks one, and mypy checks both against these."""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -66,3 +67,14 @@ class BatchDecryptorProtocol(Protocol):
 # record_span(values) -> (lowest ts, highest ts, node ids) of validated records (dicts each with a
 # str `node_id` and a number `ts`): what a segment's index must cover for them.
 RecordSpan = Callable[[list[Any]], tuple[float, float, set[str]]]
+
+
+# A buffer the token functions read: a segment image (bytes or a read-only map) or a view of one.
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+# scan_tokens(body, pos, end, count) -> the position after `count` tokens (a big-endian u32 length,
+# then that many bytes) laid out from `pos` inside [pos, end), or -1 when a length would run past
+# `end`, -2 when a token would: segment_format checks a batch's layout with it.
+ScanTokens = Callable[[Buffer, int, int, int], int]
+# split_tokens(image, pos, count) -> (the `count` tokens from `pos`, copied out as bytes, the
+# position after them): how a checked batch's tokens are read.
+SplitTokens = Callable[[Buffer, int, int], tuple[list[bytes], int]]

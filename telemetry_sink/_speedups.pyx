@@ -995,3 +995,46 @@ def record_span(list values):
             hi = t
         nodes.add(record["node_id"])
     return lo, hi, nodes
+
+
+# -- the length-prefixed tokens of a batch body (segment_format._parse_at and Batch) --
+
+
+def scan_tokens(const unsigned char[::1] body, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t count):
+    """The position after `count` tokens (u32 big-endian length, then that many bytes) laid out
+    from `pos`, all inside [pos, end): or -1 when a length would run past `end`, -2 when a token would."""
+    if end > body.shape[0] or pos < 0 or count < 0:
+        raise ValueError("scan_tokens: range outside the buffer")
+    cdef const unsigned char *p = &body[0] if body.shape[0] else NULL
+    cdef Py_ssize_t i
+    cdef Py_ssize_t length
+    for i in range(count):
+        if pos + 4 > end:
+            return -1
+        length = (<Py_ssize_t>p[pos] << 24) | (<Py_ssize_t>p[pos + 1] << 16) | (<Py_ssize_t>p[pos + 2] << 8) | p[pos + 3]
+        pos += 4 + length
+        if pos > end:
+            return -2
+    return pos
+
+
+def split_tokens(const unsigned char[::1] image, Py_ssize_t pos, Py_ssize_t count):
+    """(`count` tokens laid out from `pos` as bytes copies, the position after them); the
+    layout was checked by scan_tokens (ValueError if it runs past the buffer all the same)."""
+    cdef Py_ssize_t size = image.shape[0]
+    cdef const unsigned char *p = &image[0] if size else NULL
+    cdef Py_ssize_t i
+    cdef Py_ssize_t length
+    cdef list out = []
+    if pos < 0 or count < 0:
+        raise ValueError("split_tokens: negative position or count")
+    for i in range(count):
+        if pos + 4 > size:
+            raise ValueError("split_tokens: a token runs past the buffer")
+        length = (<Py_ssize_t>p[pos] << 24) | (<Py_ssize_t>p[pos + 1] << 16) | (<Py_ssize_t>p[pos + 2] << 8) | p[pos + 3]
+        pos += 4
+        if pos + length > size:
+            raise ValueError("split_tokens: a token runs past the buffer")
+        out.append(PyBytes_FromStringAndSize(<const char *>p + pos, length))
+        pos += length
+    return out, pos

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import operator
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
-from .segment_format import frame_batch
+from ._protocols import Buffer
 
 IMPLEMENTATION = "pure-python"
 
@@ -71,6 +72,8 @@ class BatchFramer:
         self._fernet = Fernet(base64.urlsafe_b64encode(signing_key + encryption_key))
 
     def frame(self, first_seq: int, created_ms: int, records: Sequence[bytes]) -> bytes:
+        from .segment_format import frame_batch  # here: segment_format imports this module (speedups)
+
         at = created_ms // 1000
         encrypt = self._fernet.encrypt_at_time
         return frame_batch(first_seq, created_ms, [encrypt(r, at) for r in records])
@@ -150,3 +153,41 @@ def record_span(values: list[Any]) -> tuple[float, float, set[str]]:
         return float("inf"), float("-inf"), set()
     stamps = [record["ts"] for record in values]
     return float(min(stamps)), float(max(stamps)), {record["node_id"] for record in values}
+
+
+_TOKEN_LEN = struct.Struct(">I")
+
+
+def scan_tokens(body: Buffer, pos: int, end: int, count: int) -> int:
+    """The position after `count` length-prefixed tokens from `pos` inside [pos, end): -1 when a
+    length would run past `end`, -2 when a token would (see _protocols.ScanTokens)."""
+    if end > len(memoryview(body)) or pos < 0 or count < 0:
+        raise ValueError("scan_tokens: range outside the buffer")
+    unpack = _TOKEN_LEN.unpack_from
+    for _ in range(count):
+        if pos + 4 > end:
+            return -1
+        (length,) = unpack(body, pos)
+        pos += 4 + length
+        if pos > end:
+            return -2
+    return pos
+
+
+def split_tokens(image: Buffer, pos: int, count: int) -> tuple[list[bytes], int]:
+    """(`count` length-prefixed tokens from `pos`, copied out; the position after them)."""
+    if pos < 0 or count < 0:
+        raise ValueError("split_tokens: negative position or count")
+    size = len(memoryview(image))
+    unpack = _TOKEN_LEN.unpack_from
+    out = []
+    for _ in range(count):
+        if pos + 4 > size:
+            raise ValueError("split_tokens: a token runs past the buffer")
+        (length,) = unpack(image, pos)
+        pos += 4
+        if pos + length > size:
+            raise ValueError("split_tokens: a token runs past the buffer")
+        out.append(bytes(image[pos : pos + length]))  # bytes: a copy, never a view of a map
+        pos += length
+    return out, pos

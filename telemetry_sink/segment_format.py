@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+# speedups as a module, not its names: its pure-Python twin imports this module back.
+from . import speedups
 from .crc_range import RangeCrc
 
 FILE_MAGIC = b"TSINKLOG"
@@ -168,14 +170,8 @@ class Batch:
 
     def _read_tokens(self, pos: int, n: int) -> tuple[list[bytes], int]:
         """`n` tokens from body position `pos` (0: the first token), and the position after them."""
-        image, unpack = self._image, TOKEN_LEN.unpack_from
-        at = self._tokens_at + pos
-        out = []
-        for _ in range(n):
-            (token_len,) = unpack(image, at)
-            at += 4
-            out.append(bytes(image[at : at + token_len]))  # bytes: a copy, never a view of the map
-            at += token_len
+        # Copies (bytes), never views of the map; compiled, this is a tenth of the Python loop's time.
+        out, at = speedups.split_tokens(self._image, self._tokens_at + pos, n)
         return out, at - self._tokens_at
 
 
@@ -228,15 +224,10 @@ def _parse_at(buf: bytes | bytearray | mmap.mmap, offset: int, size: int,
             count &= ~KEYED_COUNT_BIT
         if count > (records_end - BODY_HEADER_SIZE) // TOKEN_LEN.size:
             return "record count runs past the body"
-        pos = BODY_HEADER_SIZE
-        unpack = TOKEN_LEN.unpack_from
-        for _ in range(count):  # check the record lengths; the tokens are read later, on demand
-            if pos + 4 > records_end:
-                return "record count runs past the body"
-            (token_len,) = unpack(body, pos)
-            pos += 4 + token_len
-            if pos > records_end:
-                return "record length runs past the body"
+        # Check the record lengths; the tokens are read later, on demand.
+        pos = speedups.scan_tokens(body, BODY_HEADER_SIZE, records_end, count)
+        if pos < 0:
+            return "record count runs past the body" if pos == -1 else "record length runs past the body"
         if pos != records_end:
             return f"{records_end - pos} stray bytes after the last record"
     finally:

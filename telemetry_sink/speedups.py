@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import os
 
-from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol, RecordSpan, TokenBucketProtocol
+from ._protocols import (
+    BatchDecryptorProtocol,
+    BatchFramerProtocol,
+    RecordSpan,
+    ScanTokens,
+    SplitTokens,
+    TokenBucketProtocol,
+)
 
 NO_EXTENSIONS = bool(os.environ.get("TELEMETRY_SINK_NO_EXTENSIONS"))
 FALLBACK_REASON: str | None = None
@@ -26,6 +33,8 @@ try:
         check_records,
         dump_records,
         record_span,
+        scan_tokens,
+        split_tokens,
     )
 except ImportError as exc:  # not compiled: the twin behaves the same, only slower
     FALLBACK_REASON = str(exc) if NO_EXTENSIONS else f"the extension is not built ({exc})"
@@ -37,6 +46,8 @@ except ImportError as exc:  # not compiled: the twin behaves the same, only slow
         check_records,
         dump_records,
         record_span,
+        scan_tokens,
+        split_tokens,
     )
 
 HOW_TO_COMPILE = "unset TELEMETRY_SINK_NO_EXTENSIONS" if NO_EXTENSIONS else (
@@ -50,6 +61,8 @@ _framer: type[BatchFramerProtocol] = BatchFramer
 _bucket: type[TokenBucketProtocol] = TokenBucket
 _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
 _span: RecordSpan = record_span
+_scan: ScanTokens = scan_tokens
+_split: SplitTokens = split_tokens
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket", "check_records", "dump_records", "record_span"]
+           "TokenBucket", "check_records", "dump_records", "record_span", "scan_tokens", "split_tokens"]

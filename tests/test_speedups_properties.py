@@ -8,6 +8,7 @@ import random
 import zlib
 from types import ModuleType
 
+import pytest
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -116,3 +117,46 @@ def test_token_buckets_agree_bit_for_bit(
         else:
             assert getattr(a, name)(n, now) == getattr(b, name)(n, now)
         assert (a.tokens, a.updated, a.rate, a.capacity) == (b.tokens, b.updated, b.rate, b.capacity)
+
+
+token_layouts = st.lists(st.binary(max_size=40), max_size=30).map(
+    lambda tokens: b"".join(len(t).to_bytes(4, "big") + t for t in tokens))
+
+
+@settings(SETTINGS, max_examples=300)
+@given(layout=token_layouts, junk=st.binary(max_size=12), pos=st.integers(0, 16), count=st.integers(0, 40),
+       cut=st.integers(0, 16))
+def test_token_scan_and_split_twins_agree(layout: bytes, junk: bytes, pos: int, count: int, cut: int) -> None:
+    """scan_tokens and split_tokens: compiled and twin agree on every buffer, well laid out or not,
+    and on bytes and a memoryview alike; split gives back exactly the scanned tokens."""
+    compiled, twin = compiled_speedups(), speedups_module("pure-python")
+    buf = junk[:pos] + layout + junk
+    end = max(0, len(buf) - cut)
+    for view in (buf, memoryview(buf)):
+        results = []
+        for impl in (compiled, twin):
+            try:
+                results.append(impl.scan_tokens(view, pos, end, count))
+            except ValueError:
+                results.append("ValueError")
+        assert results[0] == results[1]
+        scanned = results[0]
+        if isinstance(scanned, int) and scanned >= 0:
+            tokens, after = compiled.split_tokens(view, pos, count)
+            assert (tokens, after) == twin.split_tokens(view, pos, count)
+            assert after == scanned and all(type(t) is bytes for t in tokens) and len(tokens) == count
+
+
+def test_token_functions_refuse_ranges_outside_the_buffer(speedups_impl: ModuleType) -> None:
+    buf = (3).to_bytes(4, "big") + b"abc"
+    assert speedups_impl.scan_tokens(buf, 0, len(buf), 1) == len(buf)
+    assert speedups_impl.scan_tokens(buf, 0, len(buf) - 1, 1) == -2
+    assert speedups_impl.scan_tokens(buf, 0, 3, 1) == -1
+    assert speedups_impl.split_tokens(buf, 0, 1) == ([b"abc"], 7)
+    for bad in ((buf, 0, len(buf) + 1, 1), (buf, -1, 4, 1), (buf, 0, 4, -1)):
+        with pytest.raises(ValueError):
+            speedups_impl.scan_tokens(*bad)
+    with pytest.raises(ValueError):
+        speedups_impl.split_tokens(buf[:-1], 0, 1)
+    with pytest.raises(ValueError):
+        speedups_impl.split_tokens(buf, 4, 1)
