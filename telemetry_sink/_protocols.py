@@ -78,3 +78,10 @@ ScanTokens = Callable[[Buffer, int, int, int], int]
 # split_tokens(image, pos, count) -> (the `count` tokens from `pos`, copied out as bytes, the
 # position after them): how a checked batch's tokens are read.
 SplitTokens = Callable[[Buffer, int, int], tuple[list[bytes], int]]
+# json_columns(lines, keys, targets, nodes, kinds, ts_low, ts_high) -> per column (validity bitmap or
+# None, values, str offsets or None), or None: an export plan's typed columns from JSON objects in one
+# pass (columns.ColumnPlan.compiled has the plan's layout). None whenever a record holds anything the
+# record-by-record path would treat differently; the twin always answers None (pyarrow's reader then).
+ColumnBuffers = list[tuple[bytes | None, bytes, bytes | None]]
+JsonColumns = Callable[[list[bytes], list[bytes], list[int], list[tuple[int, int]], list[int], float, float],
+                       ColumnBuffers | None]

@@ -12,14 +12,16 @@ so every row group and every file of one export has the same schema. The rule (d
   values that do not fit their column) goes into `extra`, a JSON object (null when empty).
 
 Null and missing are the same in the export; otherwise typed columns plus `extra` give back the record.
-A slice is converted by pyarrow's JSON reader against the plan's schema when it conforms (the fast
-path, in C++), otherwise record by record in Python (the exact path); both give the same table.
+A slice is converted in one pass by the compiled extension when every record conforms to the plan
+(`compiled`: no escapes in strings, keys and types as planned), else by pyarrow's JSON reader against
+the plan's schema when it conforms (`fast`, in C++), otherwise record by record in Python (`exact`);
+all three give the same table, and each only ever hands a slice it cannot convert exactly to the next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -27,11 +29,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
+from . import speedups
+
 EXTRA = "extra"
 INT64 = (-(2**63), 2**63 - 1)
 # ts a timestamp column holds: years 1 to 9999 (what Python's datetime, pandas and DuckDB all take).
 TS_RANGE = (-62_135_596_800.0, 253_402_300_800.0)
 _TYPES = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+# Column kinds as speedups.json_columns numbers them (ts: seconds within TS_RANGE, as microseconds).
+_KIND_CODES = {pa.bool_(): 0, pa.int64(): 1, pa.float64(): 2, pa.string(): 3}
+_TS_CODE = 4
 Path_ = tuple[str, ...]
 
 
@@ -68,7 +75,7 @@ def _accept(kind: str) -> Callable[[object], Any]:
         got = _kind(value)
         if got == kind:
             return value
-        if kind == "float" and got == "int":
+        if kind == "float" and got in ("int", "bigint"):  # as pyarrow's reader: any integer, nearest double
             return float(value)  # type: ignore[arg-type]
         raise TypeError
     return fits
@@ -93,6 +100,10 @@ class ColumnPlan:
     tree: Tree
     read_schema: pa.Schema  # nested, for pyarrow's JSON reader
     schema: pa.Schema  # what is written
+    layout: tuple[list[bytes], list[int], list[tuple[int, int]], list[int]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.layout = _layout(self.tree, [3, _TS_CODE] + [_KIND_CODES[t] for t in self.schema.types[2:-1]])
 
     @classmethod
     def from_sample(cls, records: list[dict[str, Any]]) -> ColumnPlan:
@@ -134,8 +145,32 @@ class ColumnPlan:
 
     def table(self, lines: list[bytes]) -> pa.Table:
         """The rows of `lines` (JSON objects, one per plaintext) in this plan's schema."""
-        fast = self.fast(lines)
-        return fast if fast is not None else self.exact(lines)
+        for path in (self.compiled, self.fast):
+            table = path(lines)
+            if table is not None:
+                return table
+        return self.exact(lines)
+
+    def compiled(self, lines: list[bytes]) -> pa.Table | None:
+        """The extension's one pass over the records: None if any does not conform exactly (or the
+        extension is not built); about twice as fast as pyarrow's reader on ~150-byte records."""
+        parts = speedups.json_columns(lines, *self.layout, *TS_RANGE)
+        if parts is None:
+            return None
+        n = len(lines)
+        arrays = []
+        for (validity, values, offsets), arrow_type in zip(parts, self.schema.types[:-1], strict=True):
+            bitmap = None if validity is None else pa.py_buffer(validity)
+            if offsets is None:
+                array = pa.Array.from_buffers(arrow_type, n, [bitmap, pa.py_buffer(values)])
+            else:
+                array = pa.Array.from_buffers(arrow_type, n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(values)])
+                try:
+                    array.validate(full=True)  # UTF-8: the one check the pass leaves to pyarrow
+                except pa.ArrowInvalid:
+                    return None
+            arrays.append(array)
+        return pa.Table.from_arrays([*arrays, pa.nulls(n, pa.string())], schema=self.schema)
 
     def fast(self, lines: list[bytes]) -> pa.Table | None:
         """pyarrow's JSON reader against the plan: None if any record does not conform exactly."""
@@ -215,6 +250,25 @@ def _split(obj: dict[str, Any], tree: Tree, values: list[Any]) -> dict[str, Any]
             rest = rest or {}
             rest[key] = left
     return rest
+
+
+def _layout(tree: Tree, kinds: list[int]) -> tuple[list[bytes], list[int], list[tuple[int, int]], list[int]]:
+    """The tree flattened for speedups.json_columns: (keys, targets, nodes, kinds)."""
+    keys: list[bytes] = []
+    targets: list[int] = []
+    nodes: list[tuple[int, int]] = []
+    pending = [tree]  # node i's entries are laid out in order, its children after it
+    while len(nodes) < len(pending):
+        node = pending[len(nodes)]
+        nodes.append((len(keys), len(node)))
+        for key, spec in node.items():
+            keys.append(key.encode())
+            if type(spec) is dict:
+                targets.append(-2 - len(pending))
+                pending.append(spec)
+            else:
+                targets.append(-1 if spec is None else spec[0])
+    return keys, targets, nodes, kinds
 
 
 def _arrow_schema(fields: dict[str, Any]) -> pa.Schema:

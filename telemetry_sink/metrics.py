@@ -53,6 +53,7 @@ class Snapshot:
     write_errors: int
     segments: int
     segment_bytes: int
+    written_bytes: int
     segments_deleted: int = 0
     fast_lane_requests: int = 0
     gauges: dict[str, float] = field(default_factory=dict)  # further gauges, named as exported
@@ -83,6 +84,8 @@ class SinkCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_received_bytes", "Request body bytes received (wire size)",
                                   value=s.bytes_received)
         yield CounterMetricFamily(f"{PREFIX}_records_written", "Records written to segments", value=s.records_written)
+        yield CounterMetricFamily(f"{PREFIX}_written_bytes", "Bytes appended to segment files (framed, encrypted)",
+                                  value=s.written_bytes)
         yield CounterMetricFamily(f"{PREFIX}_write_errors", "Failed batch writes", value=s.write_errors)
         yield GaugeMetricFamily(f"{PREFIX}_buffer_records", "Records accepted and not yet written",
                                 value=s.buffer_records)
@@ -119,6 +122,7 @@ def snapshot_of(service: TelemetryService) -> Snapshot:
         buffer_records=service.buffer.records,
         buffer_bytes=service.buffer.bytes,
         records_written=wstats.records,
+        written_bytes=wstats.bytes,
         write_errors=wstats.write_errors,
         segments=segments,
         segment_bytes=segment_bytes,

@@ -13,6 +13,7 @@ import os
 from ._protocols import (
     BatchDecryptorProtocol,
     BatchFramerProtocol,
+    JsonColumns,
     RecordSpan,
     ScanTokens,
     SplitTokens,
@@ -32,6 +33,7 @@ try:
         TokenBucket,
         check_records,
         dump_records,
+        json_columns,
         record_span,
         scan_tokens,
         split_tokens,
@@ -45,6 +47,7 @@ except ImportError as exc:  # not compiled: the twin behaves the same, only slow
         TokenBucket,
         check_records,
         dump_records,
+        json_columns,
         record_span,
         scan_tokens,
         split_tokens,
@@ -63,6 +66,8 @@ _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
 _span: RecordSpan = record_span
 _scan: ScanTokens = scan_tokens
 _split: SplitTokens = split_tokens
+_columns: JsonColumns = json_columns
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket", "check_records", "dump_records", "record_span", "scan_tokens", "split_tokens"]
+           "TokenBucket", "check_records", "dump_records", "json_columns",
+           "record_span", "scan_tokens", "split_tokens"]

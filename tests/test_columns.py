@@ -106,6 +106,37 @@ def test_fast_path_is_taken_for_conforming_records() -> None:
     assert plan.fast(_lines(SAMPLE)) is None
 
 
+def test_compiled_path_is_taken_for_conforming_records_and_gives_up_on_the_rest() -> None:
+    """The one-pass converter (the export's speed) takes what the plan describes exactly, whitespace,
+    key order and nulls included, and hands back everything else (None) to the next path."""
+    from telemetry_sink import speedups
+
+    plan = columns.ColumnPlan.from_sample(SAMPLE[:1])
+    base = {k: v for k, v in SAMPLE[0].items() if k not in ("tags", "mixed")}
+    conforming = [base, {**base, "n": None, "env": None}, dict(reversed(base.items())), {"node_id": "only"},
+                  {**base, "fw": "naïve °C", "t": -0.0, "n": -(2**63), "ts": 1767225600}]
+    lines = [*_lines(conforming), b' { "node_id" : "ws" , "ok" : true }  ']
+    exact = plan.exact(lines)
+    got = plan.compiled(lines)
+    if speedups.IMPLEMENTATION == "pure-python":
+        assert got is None  # the twin has no one-pass converter: pyarrow's reader takes over
+        return
+    assert got is not None and got.equals(exact), (got and got.to_pylist(), exact.to_pylist())
+    assert plan.table(lines).equals(exact)
+    for odd in ({**base, "fw": "tab\there"}, {**base, "fw": 'q"uote'}, {**base, "tags": []}, {**base, "n": 1.5},
+                {**base, "n": 2**63}, {**base, "t": "warm"}, {**base, "ok": 1}, {**base, "env": {"rh": 1, "new": 2}},
+                {**base, "env": 3}, {**base, "gone": 1}, {**base, "ts": 1e300}, {**base, "t": 10**19}):
+        odd_lines = _lines([base, odd])
+        assert plan.compiled(odd_lines) is None, odd
+        assert plan.table(odd_lines).equals(plan.exact(odd_lines)), odd
+    for raw in (b'{"node_id":"a","node_id":"b"}', b'{"node_id":"a"}{}', b'["node_id"]', b'{"node_id":"\xff"}',
+                b'{"node_id":"a",}', b'{"node_id":"a"', b'{"node_id":"a","t":01}', b'{"node_id":"a","t":1.}',
+                b'{"node_id":"a","t":-}', b'{"node_id":"a","ok":tru}', '{"node_id":"\udcff"}'.encode("utf-8",
+                                                                                                "surrogatepass")):
+        assert plan.compiled([raw]) is None, raw
+    assert plan.compiled([b'{"node_id":"\xff"}']) is None  # not UTF-8: pyarrow's check, after the pass
+
+
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5))
 json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -114,7 +145,9 @@ json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max
 records = st.fixed_dictionaries(
     {"node_id": st.one_of(st.sampled_from(["n1", "n2"]), json_leaf)},
     optional={"ts": st.one_of(st.floats(0, 4e9), st.integers(0, 2**40), json_value),
-              "t": st.one_of(st.floats(-50, 50), st.integers(-50, 50)),
+              "t": st.one_of(st.floats(-50, 50), st.integers(-50, 50), st.integers(-(2**63), 2**64 - 1),
+                             st.floats(allow_nan=False, allow_infinity=False)),
+              "s": st.one_of(st.text(max_size=6), st.none()),
               "env": st.fixed_dictionaries({}, optional={"rh": st.integers(0, 100), "x": json_value}),
               "extra": json_value, "a.b": json_value, "a": st.dictionaries(st.sampled_from("bc"), json_value)},
 )
@@ -128,9 +161,10 @@ def test_fast_and_exact_paths_agree_and_lose_nothing(sample: list[dict[str, Any]
     lines = _lines(sample + later)
     exact = plan.exact(lines)
     assert exact.schema == plan.schema
-    fast = plan.fast(lines)
-    if fast is not None:
-        assert fast.equals(exact), (fast.to_pylist(), exact.to_pylist())
+    for path in (plan.fast, plan.compiled):
+        table = path(lines)
+        if table is not None:
+            assert table.equals(exact), (path.__name__, table.to_pylist(), exact.to_pylist())
     for record, row in zip(sample + later, exact.to_pylist(), strict=True):
         got, want = _normal(_rebuild(row)), _normal(record)
         if "ts" in got and isinstance(want.get("ts"), float):  # microsecond rounding of the timestamp

@@ -124,6 +124,8 @@ def test_metrics_count_every_outcome(start_server: StartServer, tmp_path: Path) 
     assert count >= 2
     assert s.get(f"{P}_segments") == count
     assert s.get(f"{P}_segment_bytes") == size
+    # Bytes appended by the writer: the batches, without each file's header (nothing deleted here).
+    assert s.get(f"{P}_written_bytes_total") == size - count * segment_format.FILE_HEADER_SIZE
 
     # The implementation in use, as an info metric and as /healthz reports it.
     implementation = httpx.get(server.url + "/healthz", timeout=5.0).json()["implementation"]
