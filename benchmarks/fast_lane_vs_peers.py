@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The product (fast lane on, and off) against Fluent Bit 5.1.1 and the bare ASGI app, same run.
+"""The product (fast lane on, with 1 and 2 workers, and off) against Fluent Bit 5.1.1 and the bare ASGI
+app, same run.
 
     .venv/bin/python benchmarks/fast_lane_vs_peers.py [--rounds 2] [--seconds 5] [--out benchmarks/results]
 
@@ -26,8 +27,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
-KINDS = ("fluentbit", "fast", "asgi", "raw")
-PAYLOADS = {"single": KINDS, "array100": ("fluentbit", "fast", "asgi")}
+# fast-2w: the fast lane with `[server] workers = 2` (one per core of the 2-core machine).
+KINDS = ("fluentbit", "fast", "fast-2w", "asgi", "raw")
+PAYLOADS = {"single": KINDS, "array100": ("fluentbit", "fast", "fast-2w", "asgi")}
 
 
 def start(kind: str, workdir: Path) -> harness.Server:
@@ -35,7 +37,8 @@ def start(kind: str, workdir: Path) -> harness.Server:
         return harness.start_fluent_bit(workdir)
     if kind == "raw":
         return harness.start_reference("raw", workdir)
-    return harness.start_product(workdir, name=kind, extra={"server": {"fast_lane": "on" if kind == "fast" else "off"}})
+    server = {"fast_lane": "off" if kind == "asgi" else "on", "workers": 2 if kind == "fast-2w" else 1}
+    return harness.start_product(workdir, name=kind, extra={"server": server})
 
 
 def one_point(kind: str, body: harness.Payload, seconds: float, workdir: Path) -> dict[str, Any]:

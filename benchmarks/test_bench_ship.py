@@ -95,6 +95,11 @@ def _run(workdir: Path, s3: SeaweedS3 | None, seconds: float, conns: int) -> dic
             out.update(shipped_bytes=_metric(server, "ship_uploaded_bytes_total"),
                        waiting_bytes=_metric(server, "ship_waiting_bytes"),
                        waiting_segments=_metric(server, "ship_waiting_segments"))
+            # Keeping up means the backlog at the end is only what was in flight: it drains at once.
+            drain_started = time.monotonic()
+            while _metric(server, "ship_waiting_segments") > 0 and time.monotonic() - drain_started < 120:
+                time.sleep(0.1)
+            out["drain_s"] = time.monotonic() - drain_started
         server.stop()
         if s3 is not None:
             out["seal_to_shipped_s"] = _seal_to_shipped_s(server.log())
@@ -119,7 +124,8 @@ def test_ship_keeps_up_with_peak_ingest(wrk: str, bench_options: dict[str, Any],
         print(f"\nround {i}: off {a['records_per_s']:,.0f} records/s, on {b['records_per_s']:,.0f} records/s; "
               f"written {b['written_bytes'] / b['elapsed_s'] / 2**20:.1f} MiB/s, shipped "
               f"{b['shipped_bytes'] / b['elapsed_s'] / 2**20:.1f} MiB/s over {b['elapsed_s']:.1f} s; "
-              f"left waiting at the end: {b['waiting_segments']:.0f} segment(s), {b['waiting_bytes'] / 2**20:.1f} MiB; "
+              f"left waiting at the end: {b['waiting_segments']:.0f} segment(s), {b['waiting_bytes'] / 2**20:.1f} MiB, "
+              f"all shipped {b['drain_s']:.1f} s later; on / off {b['records_per_s'] / a['records_per_s']:.2f}x; "
               f"largest backlog in the first / second half of the run: {b['backlog_max_first_half'] / 2**20:.0f} / "
               f"{b['backlog_max_second_half'] / 2**20:.0f} MiB; CPU s during the measured run: "
               f"sink off {a['sink_cpu_s']:.1f}, sink on {b['sink_cpu_s']:.1f}, "
