@@ -5,7 +5,8 @@ so every row group and every file of one export has the same schema. The rule (d
 
 - `node_id` (string) and `ts` (UTC timestamp, microseconds; a number of seconds in years 1-9999) first;
 - then each field whose sample values are all of one JSON type, nulls allowed: booleans (bool),
-  integers in int64 (int64), numbers with integers and floats mixed (float64), strings (string);
+  integers in int64 (int64), numbers with integers and floats mixed (float64: then any integer, as
+  the nearest double), strings (string);
   nested objects are flattened with dots (`env.temp_c`); keys that are empty or hold a dot are not
   flattened, so a column name always says where its value came from;
 - everything else of a record (arrays, fields of mixed type, fields first seen after the sample,
