@@ -16,8 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-# speedups as a module, not its names: its pure-Python twin imports this module back.
-from . import speedups
 from .crc_range import RangeCrc
 
 FILE_MAGIC = b"TSINKLOG"
@@ -171,7 +169,9 @@ class Batch:
     def _read_tokens(self, pos: int, n: int) -> tuple[list[bytes], int]:
         """`n` tokens from body position `pos` (0: the first token), and the position after them."""
         # Copies (bytes), never views of the map; compiled, this is a tenth of the Python loop's time.
-        out, at = speedups.split_tokens(self._image, self._tokens_at + pos, n)
+        from .speedups import split_tokens  # here: importing this module stays standard library only (see below)
+
+        out, at = split_tokens(self._image, self._tokens_at + pos, n)
         return out, at - self._tokens_at
 
 
@@ -224,8 +224,11 @@ def _parse_at(buf: bytes | bytearray | mmap.mmap, offset: int, size: int,
             count &= ~KEYED_COUNT_BIT
         if count > (records_end - BODY_HEADER_SIZE) // TOKEN_LEN.size:
             return "record count runs past the body"
-        # Check the record lengths; the tokens are read later, on demand.
-        pos = speedups.scan_tokens(body, BODY_HEADER_SIZE, records_end, count)
+        # Check the record lengths; the tokens are read later, on demand. Imported per batch, not at
+        # the top: the client's spool uses this module and must not load the extension (or OpenSSL).
+        from .speedups import scan_tokens
+
+        pos = scan_tokens(body, BODY_HEADER_SIZE, records_end, count)
         if pos < 0:
             return "record count runs past the body" if pos == -1 else "record length runs past the body"
         if pos != records_end:
