@@ -63,6 +63,11 @@ class BatchDecryptorProtocol(Protocol):
                       now: int | None = None) -> tuple[list[bytes | None], list[int]]:
         """(plaintexts, key indices): as decrypt(), plus which key accepted each token (-1: none)."""
 
+    def decrypt_span(self, image: Buffer, pos: int, count: int, ttl: int | None = None,
+                     now: int | None = None) -> tuple[list[bytes | None], int]:
+        """(decrypt() of the `count` length-prefixed tokens laid out in `image` from `pos`, the position
+        after them): what split_tokens would copy out, read in place (ValueError if they run past it)."""
+
 
 # record_span(values) -> (lowest ts, highest ts, node ids) of validated records (dicts each with a
 # str `node_id` and a number `ts`): what a segment's index must cover for them.

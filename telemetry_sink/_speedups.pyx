@@ -827,50 +827,99 @@ cdef class BatchDecryptor:
         """(plaintexts, key indices): as decrypt(), plus which key accepted each token (-1: none)."""
         return self._run(tokens, ttl, now, True)
 
+    def decrypt_span(self, image, Py_ssize_t pos, Py_ssize_t count, ttl=None, now=None) -> tuple:
+        """(decrypt() of the `count` length-prefixed tokens laid out in `image` from `pos`, the
+        position after them): the tokens split_tokens would copy out, read where they lie."""
+        cdef const unsigned char[::1] view = image  # held (exported) until this call returns
+        return self._run_span(view, pos, count, _time_window(ttl, now))
+
     cdef object _run(self, object tokens, object ttl, object now, bint keyed):
         cdef tuple toks = tuple(tokens)  # keeps every token alive while the GIL is released
         cdef _TimeWindow window = _time_window(ttl, now)
+        cdef Py_ssize_t n = PyTuple_GET_SIZE(toks)
+        cdef Py_ssize_t i
+        cdef object item
+        cdef _Token *tok_array
+        self._enter()
+        try:
+            # Pass 1 (GIL held): type-check and record each token's place.
+            tok_array = <_Token *>malloc(<size_t>n * sizeof(_Token) + 1)
+            if tok_array == NULL:
+                raise MemoryError()
+            try:
+                for i in range(n):
+                    item = <object>PyTuple_GET_ITEM(toks, i)
+                    if not PyBytes_Check(item):
+                        raise TypeError(f"tokens must be bytes, got {type(item).__name__} at index {i}")
+                    tok_array[i].data = <const unsigned char *>PyBytes_AS_STRING(item)
+                    tok_array[i].length = <size_t>PyBytes_GET_SIZE(item)
+                return self._decrypt(tok_array, n, window, keyed)
+            finally:
+                free(tok_array)
+        finally:
+            self._busy = False
+
+    cdef object _run_span(self, const unsigned char[::1] view, Py_ssize_t pos, Py_ssize_t count,
+                          _TimeWindow window):
+        cdef Py_ssize_t size = view.shape[0]
+        cdef const unsigned char *p = &view[0] if size else NULL
+        cdef Py_ssize_t i
+        cdef Py_ssize_t length
+        cdef _Token *tok_array
+        if pos < 0 or count < 0:
+            raise ValueError("decrypt_span: negative position or count")
+        self._enter()
+        try:
+            # Pass 1 (GIL held): each token's place in the buffer (the layout is checked again here).
+            tok_array = <_Token *>malloc(<size_t>count * sizeof(_Token) + 1)
+            if tok_array == NULL:
+                raise MemoryError()
+            try:
+                for i in range(count):
+                    if pos + 4 > size:
+                        raise ValueError("decrypt_span: a token runs past the buffer")
+                    length = ((<Py_ssize_t>p[pos] << 24) | (<Py_ssize_t>p[pos + 1] << 16)
+                              | (<Py_ssize_t>p[pos + 2] << 8) | p[pos + 3])
+                    pos += 4
+                    if pos + length > size:
+                        raise ValueError("decrypt_span: a token runs past the buffer")
+                    tok_array[i].data = p + pos
+                    tok_array[i].length = <size_t>length
+                    pos += length
+                return self._decrypt(tok_array, count, window, False), pos
+            finally:
+                free(tok_array)
+        finally:
+            self._busy = False
+
+    cdef int _enter(self) except -1:
         if self._nkeys == 0:
             raise RuntimeError("BatchDecryptor.__init__ was not called")
         if self._busy:
             raise RuntimeError("BatchDecryptor.decrypt() called from two threads at once; "
                                "use one decryptor per thread")
         self._busy = True
-        try:
-            return self._decrypt(toks, window, keyed)
-        finally:
-            self._busy = False
+        return 0
 
-    cdef object _decrypt(self, tuple toks, _TimeWindow window, bint keyed):
-        cdef Py_ssize_t n = PyTuple_GET_SIZE(toks)
+    cdef object _decrypt(self, _Token *tok_array, Py_ssize_t n, _TimeWindow window, bint keyed):
+        """Decrypt the `n` tokens whose places pass 1 recorded (kept alive by the caller)."""
         cdef Py_ssize_t i
-        cdef object item
         cdef size_t length
         cdef size_t max_len = 0
         cdef size_t out_size = 0
-        cdef _Token *tok_array = NULL
         cdef unsigned char *raw = NULL
         cdef unsigned char *out = NULL
         cdef int step
         cdef list plaintexts
         cdef list key_ids
-
-        # Pass 1 (GIL held): type-check, record pointers, size the output. A token of L
-        # characters decodes to at most 3L/4 bytes; its plaintext is shorter still.
-        tok_array = <_Token *>malloc(<size_t>n * sizeof(_Token) + 1)
-        if tok_array == NULL:
-            raise MemoryError()
+        # Size the output: a token of L characters decodes to at most 3L/4 bytes; its plaintext
+        # is shorter still.
+        for i in range(n):
+            length = tok_array[i].length
+            if length > max_len:
+                max_len = length
+            out_size += length // 4 * 3 + 3
         try:
-            for i in range(n):
-                item = <object>PyTuple_GET_ITEM(toks, i)
-                if not PyBytes_Check(item):
-                    raise TypeError(f"tokens must be bytes, got {type(item).__name__} at index {i}")
-                length = <size_t>PyBytes_GET_SIZE(item)
-                tok_array[i].data = <const unsigned char *>PyBytes_AS_STRING(item)
-                tok_array[i].length = length
-                if length > max_len:
-                    max_len = length
-                out_size += length // 4 * 3 + 3
             raw = <unsigned char *>malloc(max_len // 4 * 3 + 3)
             out = <unsigned char *>malloc(out_size + 1)
             if raw == NULL or out == NULL:
@@ -900,7 +949,8 @@ cdef class BatchDecryptor:
                 OPENSSL_cleanse(raw, max_len // 4 * 3 + 3)
             free(out)
             free(raw)
-            free(tok_array)
+
+
 # -- records of one request (records.encode_records) --
 
 

@@ -98,6 +98,11 @@ class BatchDecryptor:
     def decrypt(self, tokens: Sequence[bytes], ttl: int | None = None, now: int | None = None) -> list[bytes | None]:
         return self.decrypt_keyed(tokens, ttl, now)[0]
 
+    def decrypt_span(self, image: Buffer, pos: int, count: int, ttl: int | None = None,
+                     now: int | None = None) -> tuple[list[bytes | None], int]:
+        tokens, end = split_tokens(image, pos, count)
+        return self.decrypt(tokens, ttl, now), end
+
     def decrypt_keyed(self, tokens: Sequence[bytes], ttl: int | None = None,
                       now: int | None = None) -> tuple[list[bytes | None], list[int]]:
         tokens = list(tokens)

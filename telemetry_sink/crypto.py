@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol
+from ._protocols import BatchDecryptorProtocol, BatchFramerProtocol, Buffer
 from .speedups import BatchDecryptor, BatchFramer
 
 log = logging.getLogger("telemetry_sink.crypto")
@@ -109,6 +109,11 @@ class CryptoService:
     def decrypt_batch(self, tokens: Sequence[bytes], ttl: int | None = None) -> list[bytes | None]:
         """Each token's plaintext, or None where no key authenticates it (or it is older than `ttl` s)."""
         return self._decryptor().decrypt(tokens, ttl)
+
+    def decrypt_span(self, image: Buffer, pos: int, count: int) -> tuple[list[bytes | None], int]:
+        """decrypt_batch of the `count` tokens laid out in a segment image from `pos` (no copies of
+        them), and the position after them."""
+        return self._decryptor().decrypt_span(image, pos, count)
 
     def decrypt_batch_keyed(self, tokens: Sequence[bytes]) -> tuple[list[bytes | None], list[int]]:
         """As decrypt_batch, plus the index of the key that authenticated each token (-1: none)."""

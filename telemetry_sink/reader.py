@@ -182,8 +182,8 @@ class RecordWalker:
                     if isinstance(item, segment_format.Batch):
                         # A chunk of tokens at a time: a hostile batch of millions of tiny records
                         # stays small in memory.
-                        for tokens in item.token_chunks():
-                            kept, bad = self._decrypt(tokens)
+                        for plaintexts in item.plaintext_chunks(self.crypto.decrypt_span):
+                            kept, bad = self._keep(plaintexts)
                             if kept:
                                 yield ref, kept
                             if bad:  # strict: what came before the bad record is out, then stop
@@ -205,9 +205,9 @@ class RecordWalker:
             raise DamageError(f"{message} (--strict)")
         self.warn(f"skipped {message}")
 
-    def _decrypt(self, tokens: list[bytes]) -> tuple[list[bytes], bool]:
-        """The kept plaintexts of `tokens`; True if strict mode must stop at a record that did not decrypt."""
-        plaintexts = self.crypto.decrypt_batch(tokens)
+    def _keep(self, plaintexts: list[bytes | None]) -> tuple[list[bytes], bool]:
+        """The kept plaintexts of some tokens (None: did not decrypt); True if strict mode must stop
+        at a record that did not decrypt."""
         self.records += len(plaintexts)
         keep = self.keep if self.keep.active else None
         if keep is None and None not in plaintexts:
@@ -294,8 +294,8 @@ def _verify_batches(batches: Iterator[segment_format.Batch | segment_format.Dama
             report.last_seq = item.next_seq - 1
         if crypto is not None:
             i = item.first_seq
-            for tokens in item.token_chunks():
-                for plaintext in crypto.decrypt_batch(tokens):
+            for plaintexts in item.plaintext_chunks(crypto.decrypt_span):
+                for plaintext in plaintexts:
                     if plaintext is None:
                         unauthenticated += 1
                         if unauthenticated <= MAX_LISTED_RECORDS:

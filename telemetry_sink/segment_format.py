@@ -11,7 +11,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -165,6 +165,16 @@ class Batch:
         for first in range(0, self.count, size):
             chunk, pos = self._read_tokens(pos, min(size, self.count - first))
             yield chunk
+
+    def plaintext_chunks(self, decrypt_span: Callable[[bytes | mmap.mmap, int, int], tuple[list[bytes | None], int]],
+                         size: int = 4096) -> Iterator[list[bytes | None]]:
+        """The tokens' plaintexts in lists of at most `size`, each list from `decrypt_span(image,
+        position, count)` (CryptoService.decrypt_span), which reads the tokens where they lie in the
+        image and returns the position after them: no copy of a token is made."""
+        at = self._tokens_at
+        for first in range(0, self.count, size):
+            plaintexts, at = decrypt_span(self._image, at, min(size, self.count - first))
+            yield plaintexts
 
     def _read_tokens(self, pos: int, n: int) -> tuple[list[bytes], int]:
         """`n` tokens from body position `pos` (0: the first token), and the position after them."""

@@ -147,6 +147,27 @@ def test_matches_multifernet(speedups_impl: ModuleType, case: Case, ttl: int | N
     assert decryptor.decrypt(case.tokens, ttl, now) == plaintexts
 
 
+@settings(SETTINGS, max_examples=100)
+@given(case=cases(), ttl=st.one_of(st.none(), st.integers(-100, 2**41)), now=st.integers(0, 2**41),
+       lead=st.binary(max_size=7), cut=st.integers(0, 3))
+def test_decrypt_span_is_decrypt_of_the_laid_out_tokens(speedups_impl: ModuleType, case: Case, ttl: int | None,
+                                                        now: int, lead: bytes, cut: int) -> None:
+    """decrypt_span reads the tokens where a batch body lays them out (a length, then the token) and
+    answers what decrypt does for them, with the position after them; a layout cut short is refused."""
+    decryptor = speedups_impl.BatchDecryptor(case.keys)
+    layout = b"".join(len(t).to_bytes(4, "big") + t for t in case.tokens)
+    image = lead + layout
+    for view in (image, memoryview(image), bytearray(image)):
+        assert decryptor.decrypt_span(view, len(lead), len(case.tokens), ttl, now) == (
+            decryptor.decrypt(case.tokens, ttl, now), len(image))
+    if case.tokens and cut:
+        with pytest.raises(ValueError):
+            decryptor.decrypt_span(image[:-cut], len(lead), len(case.tokens), ttl, now)
+    with pytest.raises(ValueError):
+        decryptor.decrypt_span(image, -1, 0)
+    assert decryptor.decrypt_span(image, len(image), 0) == ([], len(image))
+
+
 @settings(SETTINGS, max_examples=200)
 @given(
     ts=st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**63, 2**64 - 61, 2**64 - 1])),
