@@ -613,6 +613,11 @@ ctypedef struct _TimeWindow:
     uint64_t high
 
 
+cdef inline Py_ssize_t _get_u32(const unsigned char *p) noexcept nogil:
+    """A big-endian u32: a token's length in a batch body."""
+    return (<Py_ssize_t>p[0] << 24) | (<Py_ssize_t>p[1] << 16) | (<Py_ssize_t>p[2] << 8) | p[3]
+
+
 cdef inline uint64_t _get_u64(const unsigned char *p) noexcept nogil:
     cdef uint64_t v = 0
     cdef int i
@@ -835,58 +840,53 @@ cdef class BatchDecryptor:
 
     cdef object _run(self, object tokens, object ttl, object now, bint keyed):
         cdef tuple toks = tuple(tokens)  # keeps every token alive while the GIL is released
-        cdef _TimeWindow window = _time_window(ttl, now)
-        cdef Py_ssize_t n = PyTuple_GET_SIZE(toks)
+        return self._run_tokens(toks, None, 0, PyTuple_GET_SIZE(toks), _time_window(ttl, now), keyed)
+
+    cdef object _run_span(self, const unsigned char[::1] view, Py_ssize_t pos, Py_ssize_t count,
+                          _TimeWindow window):
+        if pos < 0 or count < 0:
+            raise ValueError("decrypt_span: negative position or count")
+        return self._run_tokens(None, view, pos, count, window, False)
+
+    cdef object _run_tokens(self, tuple toks, const unsigned char[::1] view, Py_ssize_t pos, Py_ssize_t n,
+                            _TimeWindow window, bint keyed):
+        """Pass 1 (GIL held): record each token's place, from `toks` (bytes, type-checked) or, when
+        it is None, from the tokens laid out in `view` from `pos` (the layout checked again here);
+        then decrypt. Returns decrypt()'s answer, plus the position after the span for a view."""
+        cdef Py_ssize_t size = 0
+        cdef const unsigned char *p = NULL
         cdef Py_ssize_t i
+        cdef Py_ssize_t length
         cdef object item
         cdef _Token *tok_array
+        if toks is None and view.shape[0] > 0:
+            size = view.shape[0]
+            p = &view[0]
         self._enter()
         try:
-            # Pass 1 (GIL held): type-check and record each token's place.
             tok_array = <_Token *>malloc(<size_t>n * sizeof(_Token) + 1)
             if tok_array == NULL:
                 raise MemoryError()
             try:
                 for i in range(n):
-                    item = <object>PyTuple_GET_ITEM(toks, i)
-                    if not PyBytes_Check(item):
-                        raise TypeError(f"tokens must be bytes, got {type(item).__name__} at index {i}")
-                    tok_array[i].data = <const unsigned char *>PyBytes_AS_STRING(item)
-                    tok_array[i].length = <size_t>PyBytes_GET_SIZE(item)
-                return self._decrypt(tok_array, n, window, keyed)
-            finally:
-                free(tok_array)
-        finally:
-            self._busy = False
-
-    cdef object _run_span(self, const unsigned char[::1] view, Py_ssize_t pos, Py_ssize_t count,
-                          _TimeWindow window):
-        cdef Py_ssize_t size = view.shape[0]
-        cdef const unsigned char *p = &view[0] if size else NULL
-        cdef Py_ssize_t i
-        cdef Py_ssize_t length
-        cdef _Token *tok_array
-        if pos < 0 or count < 0:
-            raise ValueError("decrypt_span: negative position or count")
-        self._enter()
-        try:
-            # Pass 1 (GIL held): each token's place in the buffer (the layout is checked again here).
-            tok_array = <_Token *>malloc(<size_t>count * sizeof(_Token) + 1)
-            if tok_array == NULL:
-                raise MemoryError()
-            try:
-                for i in range(count):
+                    if toks is not None:
+                        item = <object>PyTuple_GET_ITEM(toks, i)
+                        if not PyBytes_Check(item):
+                            raise TypeError(f"tokens must be bytes, got {type(item).__name__} at index {i}")
+                        tok_array[i].data = <const unsigned char *>PyBytes_AS_STRING(item)
+                        tok_array[i].length = <size_t>PyBytes_GET_SIZE(item)
+                        continue
                     if pos + 4 > size:
                         raise ValueError("decrypt_span: a token runs past the buffer")
-                    length = ((<Py_ssize_t>p[pos] << 24) | (<Py_ssize_t>p[pos + 1] << 16)
-                              | (<Py_ssize_t>p[pos + 2] << 8) | p[pos + 3])
+                    length = _get_u32(p + pos)
                     pos += 4
                     if pos + length > size:
                         raise ValueError("decrypt_span: a token runs past the buffer")
                     tok_array[i].data = p + pos
                     tok_array[i].length = <size_t>length
                     pos += length
-                return self._decrypt(tok_array, count, window, False), pos
+                result = self._decrypt(tok_array, n, window, keyed)
+                return result if toks is not None else (result, pos)
             finally:
                 free(tok_array)
         finally:
@@ -1062,7 +1062,7 @@ def scan_tokens(const unsigned char[::1] body, Py_ssize_t pos, Py_ssize_t end, P
     for i in range(count):
         if pos + 4 > end:
             return -1
-        length = (<Py_ssize_t>p[pos] << 24) | (<Py_ssize_t>p[pos + 1] << 16) | (<Py_ssize_t>p[pos + 2] << 8) | p[pos + 3]
+        length = _get_u32(p + pos)
         pos += 4 + length
         if pos > end:
             return -2
@@ -1082,7 +1082,7 @@ def split_tokens(const unsigned char[::1] image, Py_ssize_t pos, Py_ssize_t coun
     for i in range(count):
         if pos + 4 > size:
             raise ValueError("split_tokens: a token runs past the buffer")
-        length = (<Py_ssize_t>p[pos] << 24) | (<Py_ssize_t>p[pos + 1] << 16) | (<Py_ssize_t>p[pos + 2] << 8) | p[pos + 3]
+        length = _get_u32(p + pos)
         pos += 4
         if pos + length > size:
             raise ValueError("split_tokens: a token runs past the buffer")
