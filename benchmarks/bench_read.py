@@ -10,6 +10,7 @@ PYTHONPATH and as the working directory, this venv's Python; copy the compiled `
 a checkout or it runs on the twin), stdout to /dev/null; `{out}` in a command is a scratch directory.
 Prints wall time, records/s, records per CPU-second (user + system: the per-core figure) and peak
 RSS of each run, then the best wall time of each and A/B. The same path twice measures one checkout.
+Before and after, a `Fernet.decrypt` loop's µs per token says how fast the (shared) machine was.
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def run_once(checkout: Path, command: str, data: Path, key_file: Path, out: Path
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
+def fernet_calibration_us(tokens: int = 4096) -> float:
+    """µs per 150-byte token of a plain `Fernet.decrypt` loop, best of 3: how fast the machine is right
+    now, printed beside the figures because this shared machine's speed moves them by half."""
+    import timeit
+
+    from cryptography.fernet import Fernet
+
+    fernet = Fernet(Fernet.generate_key())
+    batch = [fernet.encrypt(os.urandom(150)) for _ in range(tokens)]
+    return min(timeit.repeat(lambda: [fernet.decrypt(t) for t in batch], number=2, repeat=3)) / 2 / tokens * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path)
@@ -92,6 +105,7 @@ def main() -> int:
         size = sum(p.stat().st_size for p in data.iterdir())
         print(f"wrote {args.records:,} records ({size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s",
               flush=True)
+        print(f"Fernet.decrypt calibration: {fernet_calibration_us():.2f} µs/token", flush=True)
         for command in commands:
             best = {"A": float("inf"), "B": float("inf")}
             for n in range(args.rounds):
@@ -104,6 +118,7 @@ def main() -> int:
             print(f"{command!r} best: A {a:.2f} s ({args.records / a:,.0f} records/s), "
                   f"B {b:.2f} s ({args.records / b:,.0f} records/s), A/B = {a / b:.2f}x",
                   flush=True)
+        print(f"Fernet.decrypt calibration: {fernet_calibration_us():.2f} µs/token", flush=True)
     return 0
 
 
