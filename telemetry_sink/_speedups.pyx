@@ -626,37 +626,105 @@ cdef inline uint64_t _get_u64(const unsigned char *p) noexcept nogil:
     return v
 
 
+cdef int _mac_verifies(EVP_MAC_CTX *mac, const unsigned char *raw, size_t raw_len) noexcept nogil:
+    """1 when a decoded token's HMAC-SHA256 verifies under `mac` (constant-time compare), 0 when it
+    does not, -step when an OpenSSL call fails."""
+    cdef unsigned char tag[MAC_SIZE]
+    cdef size_t mac_len = 0
+    if EVP_MAC_init(mac, NULL, 0, NULL) != 1:
+        return -STEP_MAC_INIT
+    if EVP_MAC_update(mac, raw, raw_len - MAC_SIZE) != 1:
+        return -STEP_MAC_UPDATE
+    if EVP_MAC_final(mac, tag, &mac_len, MAC_SIZE) != 1:
+        return -STEP_MAC_FINAL
+    if mac_len != MAC_SIZE:
+        return -STEP_LENGTH
+    return CRYPTO_memcmp(tag, raw + raw_len - MAC_SIZE, MAC_SIZE) == 0
+
+
+cdef inline size_t _pkcs7_pad(const unsigned char *plain, size_t ct_len) noexcept nogil:
+    """The PKCS7 pad length (1..16) of a decrypted ciphertext, 0 where the padding is bad."""
+    cdef unsigned char pad = plain[ct_len - 1]
+    cdef unsigned char bad = 0
+    cdef size_t j
+    if pad == 0 or pad > BLOCK:
+        return 0
+    for j in range(ct_len - pad, ct_len):
+        bad |= plain[j] ^ pad
+    return 0 if bad else pad
+
+
+cdef int _decrypt_one(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int first, int nkeys,
+                      const unsigned char *raw, size_t raw_len, unsigned char *plain, _Token *tok) noexcept nogil:
+    """Keys `first`.. in turn on one decoded token: the first whose HMAC, AES-128-CBC and padding
+    all pass sets the token's key and plaintext length. Returns STEP_OK or the step that failed."""
+    cdef size_t ct_len = raw_len - MIN_RAW_TOKEN
+    cdef size_t pad
+    cdef int outl = 0
+    cdef int k
+    cdef int verified
+    for k in range(first, nkeys):
+        verified = _mac_verifies(macs[k], raw, raw_len)
+        if verified < 0:
+            return -verified
+        if not verified:
+            continue
+        if EVP_DecryptInit_ex2(ciphers[k], NULL, NULL, raw + 9, NULL) != 1:
+            return STEP_DECRYPT_INIT
+        if EVP_DecryptUpdate(ciphers[k], plain, &outl, raw + TOKEN_PREFIX, <int>ct_len) != 1:
+            return STEP_DECRYPT_UPDATE
+        if <size_t>outl != ct_len:
+            return STEP_LENGTH
+        pad = _pkcs7_pad(plain, ct_len)
+        if pad:
+            tok.key = k
+            tok.out_length = ct_len - pad
+            return STEP_OK
+    return STEP_OK
+
+
 cdef int _decrypt_into(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int nkeys, _TimeWindow window,
-                       _Token *toks, size_t n, unsigned char *raw, unsigned char *out) noexcept nogil:
-    """Authenticate and decrypt every token; set each one's key and plaintext place in `out`.
+                       _Token *toks, size_t n, unsigned char *raw, unsigned char *work) noexcept nogil:
+    """Authenticate and decrypt every token; set each one's key and plaintext place in `work`.
 
     Per token, in Fernet.decrypt's order: base64, version byte, the ttl window, then for each
     key in turn the HMAC (constant-time compare), AES-128-CBC and the PKCS7 padding; the first
     key that passes all three wins (MultiFernet). Returns STEP_OK or the OpenSSL step that failed.
+
+    Tokens are decoded into `work` so that each authenticated token's IV starts where the one
+    before it ends (its 9-byte header lies over the end of that token's MAC, already checked):
+    every IV and ciphertext then sits on a block boundary, and one CBC decryption per run of
+    tokens under the same key decrypts them all, in place, since each token's IV is the block
+    just before its ciphertext (the IV and MAC blocks decrypt to garbage that is never read).
+    One call per run instead of one per token: 0.03 against 0.29 µs per 150-byte record.
+    `raw` (one token's size) is scratch for the rare token whose padding fails under the key
+    that authenticated it, which is tried again with the keys after that one.
     """
     cdef size_t i
+    cdef size_t j
+    cdef size_t t
     cdef size_t raw_len = 0
     cdef size_t ct_len
-    cdef size_t pos = 0
-    cdef size_t mac_len = 0
-    cdef size_t j
+    cdef size_t at = 2 * BLOCK  # where the next token's IV goes (room before it for the header)
+    cdef size_t start
+    cdef size_t stop
+    cdef size_t pad
     cdef int k
     cdef int outl = 0
-    cdef unsigned char pad
-    cdef unsigned char bad
+    cdef int verified
     cdef uint64_t ts
-    cdef unsigned char tag[MAC_SIZE]
-    cdef unsigned char *plain
+    cdef unsigned char *token
     for i in range(n):
         toks[i].key = REJECTED
-        toks[i].out_offset = pos
+        toks[i].out_offset = 0
         toks[i].out_length = 0
-        if not _b64_decode(toks[i].data, toks[i].length, raw, &raw_len):
+        token = work + at - 9
+        if not _b64_decode(toks[i].data, toks[i].length, token, &raw_len):
             continue
-        if raw_len < 9 or raw[0] != 0x80:
+        if raw_len < 9 or token[0] != 0x80:
             continue
         if window.check:
-            ts = _get_u64(raw + 1)
+            ts = _get_u64(token + 1)
             if window.empty or ts < window.low or ts > window.high:
                 continue
         # Fernet rejects these too: under 32 bytes the MAC cannot match; under 57 a MAC that
@@ -667,38 +735,57 @@ cdef int _decrypt_into(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int nkeys, 
         # An empty or partial-block ciphertext fails for every key (bad length, then bad padding).
         if ct_len == 0 or ct_len % BLOCK != 0 or ct_len > <size_t>MAX_RECORD:
             continue
-        plain = out + pos
         for k in range(nkeys):
-            if EVP_MAC_init(macs[k], NULL, 0, NULL) != 1:
-                return STEP_MAC_INIT
-            if EVP_MAC_update(macs[k], raw, raw_len - MAC_SIZE) != 1:
-                return STEP_MAC_UPDATE
-            if EVP_MAC_final(macs[k], tag, &mac_len, MAC_SIZE) != 1:
-                return STEP_MAC_FINAL
-            if mac_len != MAC_SIZE:
-                return STEP_LENGTH
-            if CRYPTO_memcmp(tag, raw + raw_len - MAC_SIZE, MAC_SIZE) != 0:
+            verified = _mac_verifies(macs[k], token, raw_len)
+            if verified < 0:
+                return -verified
+            if verified:
+                toks[i].key = k
+                toks[i].out_offset = at + BLOCK
+                toks[i].out_length = ct_len  # until the padding is checked
+                at += BLOCK + ct_len + MAC_SIZE
+                break
+    i = 0
+    while i < n:
+        k = toks[i].key
+        if k == REJECTED:
+            i += 1
+            continue
+        # A run: tokens under key k (rejected ones between take no room), at most ~1 GiB at once
+        # (EVP_DecryptUpdate takes an int length).
+        start = toks[i].out_offset - BLOCK
+        stop = toks[i].out_offset + toks[i].out_length
+        j = i + 1
+        while j < n and (toks[j].key == REJECTED or toks[j].key == k):
+            if toks[j].key == k:
+                if toks[j].out_offset + toks[j].out_length - start > (1 << 30):
+                    break
+                stop = toks[j].out_offset + toks[j].out_length
+            j += 1
+        if EVP_DecryptInit_ex2(ciphers[k], NULL, NULL, work + start, NULL) != 1:
+            return STEP_DECRYPT_INIT
+        if EVP_DecryptUpdate(ciphers[k], work + start, &outl, work + start, <int>(stop - start)) != 1:
+            return STEP_DECRYPT_UPDATE
+        if <size_t>outl != stop - start:
+            return STEP_LENGTH
+        for t in range(i, j):
+            if toks[t].key == REJECTED:
                 continue
-            if EVP_DecryptInit_ex2(ciphers[k], NULL, NULL, raw + 9, NULL) != 1:
-                return STEP_DECRYPT_INIT
-            if EVP_DecryptUpdate(ciphers[k], plain, &outl, raw + TOKEN_PREFIX, <int>ct_len) != 1:
-                return STEP_DECRYPT_UPDATE
-            # Padding is off on these contexts (checked below, like cryptography's unpadder),
-            # so every block comes out of the one update call.
-            if <size_t>outl != ct_len:
-                return STEP_LENGTH
-            pad = plain[ct_len - 1]
-            if pad == 0 or pad > BLOCK:
+            ct_len = toks[t].out_length
+            pad = _pkcs7_pad(work + toks[t].out_offset, ct_len)
+            if pad:
+                toks[t].out_length = ct_len - pad
                 continue
-            bad = 0
-            for j in range(ct_len - pad, ct_len):
-                bad |= plain[j] ^ pad
-            if bad:
-                continue
-            toks[i].key = k
-            toks[i].out_length = ct_len - pad
-            pos += ct_len - pad
-            break
+            # Bad padding under the key that authenticated it: MultiFernet goes on to the next keys.
+            toks[t].key = REJECTED
+            toks[t].out_length = 0
+            if k + 1 < nkeys:
+                _b64_decode(toks[t].data, toks[t].length, raw, &raw_len)
+                verified = _decrypt_one(macs, ciphers, k + 1, nkeys, raw, raw_len, work + toks[t].out_offset,
+                                        &toks[t])
+                if verified != STEP_OK:
+                    return verified
+        i = j
     return STEP_OK
 
 
@@ -912,8 +999,9 @@ cdef class BatchDecryptor:
         cdef int step
         cdef list plaintexts
         cdef list key_ids
-        # Size the output: a token of L characters decodes to at most 3L/4 bytes; its plaintext
-        # is shorter still.
+        # Size the work area: a token of L characters decodes to at most 3L/4 bytes, laid out after
+        # the 2 blocks _decrypt_into leaves before the first (each token after overlaps the one before).
+        out_size = 2 * BLOCK
         for i in range(n):
             length = tok_array[i].length
             if length > max_len:
@@ -942,7 +1030,7 @@ cdef class BatchDecryptor:
             key_ids = [tok_array[i].key for i in range(n)]
             return plaintexts, key_ids
         finally:
-            # The scratch held plaintext (and the last raw token): wipe before freeing.
+            # The work area held plaintext (and raw, a token): wipe before freeing.
             if out != NULL:
                 OPENSSL_cleanse(out, out_size + 1)
             if raw != NULL:
