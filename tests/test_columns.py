@@ -137,6 +137,35 @@ def test_compiled_path_is_taken_for_conforming_records_and_gives_up_on_the_rest(
     assert plan.compiled([b'{"node_id":"\xff"}']) is None  # not UTF-8: pyarrow's check, after the pass
 
 
+NUMBER = r"-?(0|[1-9][0-9]{0,24})(\.[0-9]{1,24})?([eE][+-]?[0-9]{1,3})?"
+
+
+@settings(max_examples=500, deadline=None)
+@given(literals=st.lists(st.one_of(st.from_regex(NUMBER, fullmatch=True),
+                                   st.floats(allow_nan=False, allow_infinity=False).map(repr),
+                                   st.floats(allow_nan=False, allow_infinity=False).map(lambda f: f"{f:.17g}")),
+                         min_size=1, max_size=20))
+def test_compiled_numbers_are_the_nearest_double(literals: list[str]) -> None:
+    """The converter's float column holds exactly float(literal) (sign of zero included) for any JSON
+    number, whether its one-operation fast path or the full parser read it; infinities give up."""
+    from telemetry_sink import speedups
+
+    if speedups.IMPLEMENTATION == "pure-python":
+        pytest.skip("the one-pass converter is compiled only")
+    plan = columns.ColumnPlan.from_sample([{"node_id": "a", "t": 1.5}])
+    lines = [b'{"node_id":"a","t":' + lit.encode() + b"}" for lit in literals]
+    got = plan.compiled(lines)
+    # As the exact path reads them: an integer literal is an int (so "-0" is 0), then the nearest double.
+    want = [float(int(lit)) if lit.lstrip("-").isdigit() else float(lit) for lit in literals]
+    if got is None:  # left to the next path: only an infinity or an integer beyond int64
+        assert any(math.isinf(w) or (lit.lstrip("-").isdigit() and abs(int(lit)) >= 2**63)
+                   for lit, w in zip(literals, want, strict=True)), literals
+        return
+    values = got.column("t").to_pylist()
+    assert [(v, math.copysign(1, v)) for v in values] == [(w, math.copysign(1, w)) for w in want], literals
+    assert got.equals(plan.exact(lines))
+
+
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5))
 json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
