@@ -60,6 +60,10 @@ def test_parquet_has_typed_columns_and_extra(data: Data, tmp_path: Path) -> None
     assert f"exported 51 records to {out}" in proc.stderr.decode()
     parquet = pq.ParquetFile(out)
     assert parquet.metadata.num_row_groups == 4  # written 16 records at a time: memory stays bounded
+    chunks = parquet.metadata.row_group(0)
+    # ts delta-encoded (nearly increasing, nearly unique: no dictionary), the rest dictionary-encoded.
+    assert "DELTA_BINARY_PACKED" in chunks.column(1).encodings and not chunks.column(1).has_dictionary_page
+    assert chunks.column(0).has_dictionary_page
     table = parquet.read()
     # temp_c is a number in 50 records and "n/a" in one: not stable, so it is JSON in extra.
     assert table.schema.names == ["node_id", "ts", "rh", "env.hpa", "env.ok", "extra"]
