@@ -2,7 +2,7 @@
 """Compiled hot path: the token bucket, the batch framer (Fernet + TSB1) and the batch decryptor in C.
 
 Behaviour matches the pure-Python twin `telemetry_sink._speedups_py`; see docs/speedups.md.
-Needs OpenSSL >= 3.0 (libcrypto: RAND_bytes, EVP cipher, EVP_MAC) and zlib (crc32).
+Needs OpenSSL >= 3.0 (libcrypto: RAND_bytes, EVP cipher and digest) and zlib (crc32).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -24,7 +24,7 @@ import orjson as _orjson
 
 _dumps = _orjson.dumps
 
-# Refuse to build against OpenSSL 1.x: EVP_MAC and EVP_EncryptInit_ex2 are 3.0 APIs, and
+# Refuse to build against OpenSSL 1.x: EVP_*_fetch and EVP_EncryptInit_ex2 are 3.0 APIs, and
 # a compile error here makes setup.py fall back to the twin with a clear warning.
 cdef extern from *:
     """
@@ -51,15 +51,11 @@ cdef extern from "openssl/rand.h" nogil:
 cdef extern from "openssl/params.h" nogil:
     ctypedef struct OSSL_PARAM:
         const char *key
-    OSSL_PARAM OSSL_PARAM_construct_utf8_string(const char *key, char *buf, size_t bsize)
-    OSSL_PARAM OSSL_PARAM_construct_end()
 
 cdef extern from "openssl/evp.h" nogil:
     ctypedef struct OSSL_LIB_CTX
     ctypedef struct EVP_CIPHER
     ctypedef struct EVP_CIPHER_CTX
-    ctypedef struct EVP_MAC
-    ctypedef struct EVP_MAC_CTX
     EVP_CIPHER *EVP_CIPHER_fetch(OSSL_LIB_CTX *ctx, const char *algorithm, const char *properties)
     void EVP_CIPHER_free(EVP_CIPHER *cipher)
     EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
@@ -74,13 +70,16 @@ cdef extern from "openssl/evp.h" nogil:
     int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
                           const unsigned char *inp, int inl)
     int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int pad)
-    EVP_MAC *EVP_MAC_fetch(OSSL_LIB_CTX *libctx, const char *algorithm, const char *properties)
-    void EVP_MAC_free(EVP_MAC *mac)
-    EVP_MAC_CTX *EVP_MAC_CTX_new(EVP_MAC *mac)
-    void EVP_MAC_CTX_free(EVP_MAC_CTX *ctx)
-    int EVP_MAC_init(EVP_MAC_CTX *ctx, const unsigned char *key, size_t keylen, const OSSL_PARAM *params)
-    int EVP_MAC_update(EVP_MAC_CTX *ctx, const unsigned char *data, size_t datalen)
-    int EVP_MAC_final(EVP_MAC_CTX *ctx, unsigned char *out, size_t *outl, size_t outsize)
+    ctypedef struct EVP_MD
+    ctypedef struct EVP_MD_CTX
+    EVP_MD *EVP_MD_fetch(OSSL_LIB_CTX *ctx, const char *algorithm, const char *properties)
+    void EVP_MD_free(EVP_MD *md)
+    EVP_MD_CTX *EVP_MD_CTX_new()
+    void EVP_MD_CTX_free(EVP_MD_CTX *ctx)
+    int EVP_MD_CTX_copy_ex(EVP_MD_CTX *out, const EVP_MD_CTX *inp)
+    int EVP_DigestInit_ex2(EVP_MD_CTX *ctx, const EVP_MD *type, const OSSL_PARAM *params)
+    int EVP_DigestUpdate(EVP_MD_CTX *ctx, const void *d, size_t cnt)
+    int EVP_DigestFinal_ex(EVP_MD_CTX *ctx, unsigned char *md, unsigned int *s)
 
 cdef extern from "zlib.h" nogil:
     unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int length)
@@ -134,9 +133,9 @@ _STEP_NAMES = {
     STEP_CIPHER_INIT: "EVP_EncryptInit_ex2",
     STEP_CIPHER_UPDATE: "EVP_EncryptUpdate",
     STEP_CIPHER_FINAL: "EVP_EncryptFinal_ex",
-    STEP_MAC_INIT: "EVP_MAC_init",
-    STEP_MAC_UPDATE: "EVP_MAC_update",
-    STEP_MAC_FINAL: "EVP_MAC_final",
+    STEP_MAC_INIT: "EVP_MD_CTX_copy_ex (HMAC-SHA256)",
+    STEP_MAC_UPDATE: "EVP_DigestUpdate (HMAC-SHA256)",
+    STEP_MAC_FINAL: "EVP_DigestFinal_ex (HMAC-SHA256)",
     STEP_LENGTH: "output length check",
     STEP_DECRYPT_INIT: "EVP_DecryptInit_ex2",
     STEP_DECRYPT_UPDATE: "EVP_DecryptUpdate",
@@ -210,14 +209,76 @@ cdef size_t _b64url_encode(const unsigned char *src, size_t n, unsigned char *ds
     return o
 
 
-cdef int _frame_into(EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *mctx, uint64_t seq, uint64_t created_ms,
+# HMAC-SHA256 (RFC 2104) on EVP digests: the SHA-256 states after the key's inner and outer pad
+# blocks are computed once per key and copied for each MAC, as EVP_MAC's HMAC does internally, but
+# without its per-call parameter plumbing (0.66 against 0.75 µs for a 185-byte token, measured).
+cdef struct _Hmac:
+    EVP_MD_CTX *inner
+    EVP_MD_CTX *outer
+    EVP_MD_CTX *work
+
+
+cdef int _hmac_init(_Hmac *h, const unsigned char *key) noexcept nogil:
+    """Key `h` (zeroed, or freed) with a 16-byte signing key: 1, or 0 when OpenSSL fails (then
+    _hmac_free it)."""
+    cdef unsigned char pad[64]
+    cdef EVP_MD *md = EVP_MD_fetch(NULL, b"SHA256", NULL)
+    cdef bint ok
+    cdef int i
+    h.inner = EVP_MD_CTX_new()
+    h.outer = EVP_MD_CTX_new()
+    h.work = EVP_MD_CTX_new()
+    ok = md != NULL and h.inner != NULL and h.outer != NULL and h.work != NULL
+    if ok:
+        memset(pad, 0x36, 64)
+        for i in range(KEY_SIZE):
+            pad[i] ^= key[i]
+        ok = EVP_DigestInit_ex2(h.inner, md, NULL) == 1 and EVP_DigestUpdate(h.inner, pad, 64) == 1
+    if ok:
+        memset(pad, 0x5C, 64)
+        for i in range(KEY_SIZE):
+            pad[i] ^= key[i]
+        ok = EVP_DigestInit_ex2(h.outer, md, NULL) == 1 and EVP_DigestUpdate(h.outer, pad, 64) == 1
+    OPENSSL_cleanse(pad, 64)
+    EVP_MD_free(md)  # the contexts hold their own references
+    return ok
+
+
+cdef void _hmac_free(_Hmac *h) noexcept nogil:
+    # EVP_MD_CTX_free cleanses the states (they are as good as the key); NULL is a no-op.
+    EVP_MD_CTX_free(h.inner)
+    EVP_MD_CTX_free(h.outer)
+    EVP_MD_CTX_free(h.work)
+    h.inner = h.outer = h.work = NULL
+
+
+cdef int _hmac(_Hmac *h, const unsigned char *data, size_t n, unsigned char *tag) noexcept nogil:
+    """The 32-byte HMAC-SHA256 of `data` into `tag`; STEP_OK or the step that failed."""
+    cdef unsigned char inner[MAC_SIZE]
+    cdef unsigned int length = 0
+    if EVP_MD_CTX_copy_ex(h.work, h.inner) != 1:
+        return STEP_MAC_INIT
+    if EVP_DigestUpdate(h.work, data, n) != 1:
+        return STEP_MAC_UPDATE
+    if EVP_DigestFinal_ex(h.work, inner, &length) != 1 or length != MAC_SIZE:
+        return STEP_MAC_FINAL
+    if EVP_MD_CTX_copy_ex(h.work, h.outer) != 1:
+        return STEP_MAC_INIT
+    if EVP_DigestUpdate(h.work, inner, MAC_SIZE) != 1:
+        return STEP_MAC_UPDATE
+    if EVP_DigestFinal_ex(h.work, tag, &length) != 1 or length != MAC_SIZE:
+        return STEP_MAC_FINAL
+    return STEP_OK
+
+
+cdef int _frame_into(EVP_CIPHER_CTX *cctx, _Hmac *mac, uint64_t seq, uint64_t created_ms,
                      const _Record *recs, size_t n, unsigned char *ivs, unsigned char *scratch,
                      unsigned char *out, size_t body_size) noexcept nogil:
     """Fill `out` (BATCH_HEADER_SIZE + body_size bytes); return STEP_OK or the failing step."""
     cdef size_t i
     cdef size_t ct_size
     cdef size_t raw_size
-    cdef size_t mac_len = 0
+    cdef int step
     cdef int out1 = 0
     cdef int out2 = 0
     cdef unsigned char *pos = out + BATCH_HEADER_SIZE + BODY_HEADER_SIZE
@@ -244,14 +305,9 @@ cdef int _frame_into(EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *mctx, uint64_t seq, uint
             return STEP_CIPHER_FINAL
         if <size_t>(out1 + out2) != ct_size:
             return STEP_LENGTH
-        if EVP_MAC_init(mctx, NULL, 0, NULL) != 1:
-            return STEP_MAC_INIT
-        if EVP_MAC_update(mctx, scratch, TOKEN_PREFIX + ct_size) != 1:
-            return STEP_MAC_UPDATE
-        if EVP_MAC_final(mctx, scratch + TOKEN_PREFIX + ct_size, &mac_len, MAC_SIZE) != 1:
-            return STEP_MAC_FINAL
-        if mac_len != MAC_SIZE:
-            return STEP_LENGTH
+        step = _hmac(mac, scratch, TOKEN_PREFIX + ct_size, scratch + TOKEN_PREFIX + ct_size)
+        if step != STEP_OK:
+            return step
         # Sizes were computed from the same immutable records in pass 1; re-check anyway
         # so a bug there can never write past the end of the result.
         if pos + 4 + _b64_size(raw_size) > end:
@@ -354,13 +410,13 @@ cdef class BatchFramer:
     """
 
     cdef EVP_CIPHER_CTX *_cipher_ctx
-    cdef EVP_MAC_CTX *_mac_ctx
+    cdef _Hmac _mac
     cdef bint _ready
     cdef bint _busy
 
     def __cinit__(self):
         self._cipher_ctx = NULL
-        self._mac_ctx = NULL
+        memset(&self._mac, 0, sizeof(_Hmac))
         self._ready = False
         self._busy = False
 
@@ -380,14 +436,10 @@ cdef class BatchFramer:
         if self._cipher_ctx != NULL:
             EVP_CIPHER_CTX_free(self._cipher_ctx)
             self._cipher_ctx = NULL
-        if self._mac_ctx != NULL:
-            EVP_MAC_CTX_free(self._mac_ctx)
-            self._mac_ctx = NULL
+        _hmac_free(&self._mac)
 
     cdef int _init_contexts(self, const unsigned char *signing_key, const unsigned char *encryption_key) except -1:
         cdef EVP_CIPHER *cipher = NULL
-        cdef EVP_MAC *mac = NULL
-        cdef OSSL_PARAM params[2]
         try:
             # Explicit fetches: the implicit ones inside EVP_aes_128_cbc()/HMAC() cost a
             # provider lookup per call, which dominated small records when measured.
@@ -400,25 +452,15 @@ cdef class BatchFramer:
             # Key schedule once; each record only re-initialises the IV.
             if EVP_EncryptInit_ex2(self._cipher_ctx, cipher, encryption_key, NULL, NULL) != 1:
                 raise _openssl_error("EVP_EncryptInit_ex2")
-            mac = EVP_MAC_fetch(NULL, b"HMAC", NULL)
-            if mac == NULL:
-                raise _openssl_error("EVP_MAC_fetch(HMAC)")
-            self._mac_ctx = EVP_MAC_CTX_new(mac)
-            if self._mac_ctx == NULL:
-                raise _openssl_error("EVP_MAC_CTX_new")
-            params[0] = OSSL_PARAM_construct_utf8_string(b"digest", <char *>b"SHA256", 0)
-            params[1] = OSSL_PARAM_construct_end()
-            # Key set once; EVP_MAC_init(ctx, NULL, 0, NULL) per record then reuses it
-            # (0.26 us/MAC against 1.0 us for the one-shot HMAC() on OpenSSL 3.0).
-            if EVP_MAC_init(self._mac_ctx, signing_key, KEY_SIZE, params) != 1:
-                raise _openssl_error("EVP_MAC_init")
+            # Pads hashed once; each record copies the two states (see _Hmac).
+            if not _hmac_init(&self._mac, signing_key):
+                raise _openssl_error("HMAC-SHA256 key setup")
         except BaseException:
             self._free_contexts()
             raise
         finally:
-            # The contexts hold their own references to the algorithm objects.
+            # The context holds its own reference to the algorithm object.
             EVP_CIPHER_free(cipher)
-            EVP_MAC_free(mac)
         return 0
 
     def __dealloc__(self):
@@ -504,7 +546,7 @@ cdef class BatchFramer:
             result = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(BATCH_HEADER_SIZE + body_size))
             out = <unsigned char *>PyBytes_AS_STRING(result)
             with nogil:
-                step = _frame_into(self._cipher_ctx, self._mac_ctx, seq, cms, rec_array, <size_t>n,
+                step = _frame_into(self._cipher_ctx, &self._mac, seq, cms, rec_array, <size_t>n,
                                    ivs, scratch, out, <size_t>body_size)
             if step != STEP_OK:
                 if step == STEP_LENGTH:
@@ -658,19 +700,13 @@ cdef inline uint64_t _get_u64(const unsigned char *p) noexcept nogil:
     return v
 
 
-cdef int _mac_verifies(EVP_MAC_CTX *mac, const unsigned char *raw, size_t raw_len) noexcept nogil:
+cdef int _mac_verifies(_Hmac *mac, const unsigned char *raw, size_t raw_len) noexcept nogil:
     """1 when a decoded token's HMAC-SHA256 verifies under `mac` (constant-time compare), 0 when it
     does not, -step when an OpenSSL call fails."""
     cdef unsigned char tag[MAC_SIZE]
-    cdef size_t mac_len = 0
-    if EVP_MAC_init(mac, NULL, 0, NULL) != 1:
-        return -STEP_MAC_INIT
-    if EVP_MAC_update(mac, raw, raw_len - MAC_SIZE) != 1:
-        return -STEP_MAC_UPDATE
-    if EVP_MAC_final(mac, tag, &mac_len, MAC_SIZE) != 1:
-        return -STEP_MAC_FINAL
-    if mac_len != MAC_SIZE:
-        return -STEP_LENGTH
+    cdef int step = _hmac(mac, raw, raw_len - MAC_SIZE, tag)
+    if step != STEP_OK:
+        return -step
     return CRYPTO_memcmp(tag, raw + raw_len - MAC_SIZE, MAC_SIZE) == 0
 
 
@@ -686,7 +722,7 @@ cdef inline size_t _pkcs7_pad(const unsigned char *plain, size_t ct_len) noexcep
     return 0 if bad else pad
 
 
-cdef int _decrypt_one(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int first, int nkeys,
+cdef int _decrypt_one(_Hmac *macs, EVP_CIPHER_CTX **ciphers, int first, int nkeys,
                       const unsigned char *raw, size_t raw_len, unsigned char *plain, _Token *tok) noexcept nogil:
     """Keys `first`.. in turn on one decoded token: the first whose HMAC, AES-128-CBC and padding
     all pass sets the token's key and plaintext length. Returns STEP_OK or the step that failed."""
@@ -696,7 +732,7 @@ cdef int _decrypt_one(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int first, i
     cdef int k
     cdef int verified
     for k in range(first, nkeys):
-        verified = _mac_verifies(macs[k], raw, raw_len)
+        verified = _mac_verifies(&macs[k], raw, raw_len)
         if verified < 0:
             return -verified
         if not verified:
@@ -715,7 +751,7 @@ cdef int _decrypt_one(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int first, i
     return STEP_OK
 
 
-cdef int _decrypt_into(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int nkeys, _TimeWindow window,
+cdef int _decrypt_into(_Hmac *macs, EVP_CIPHER_CTX **ciphers, int nkeys, _TimeWindow window,
                        _Token *toks, size_t n, unsigned char *raw, unsigned char *work) noexcept nogil:
     """Authenticate and decrypt every token; set each one's key and plaintext place in `work`.
 
@@ -768,7 +804,7 @@ cdef int _decrypt_into(EVP_MAC_CTX **macs, EVP_CIPHER_CTX **ciphers, int nkeys, 
         if ct_len == 0 or ct_len % BLOCK != 0 or ct_len > <size_t>MAX_RECORD:
             continue
         for k in range(nkeys):
-            verified = _mac_verifies(macs[k], token, raw_len)
+            verified = _mac_verifies(&macs[k], token, raw_len)
             if verified < 0:
                 return -verified
             if verified:
@@ -852,7 +888,7 @@ cdef class BatchDecryptor:
     the tokens `MultiFernet.decrypt` does. Like BatchFramer: one thread at a time.
     """
 
-    cdef EVP_MAC_CTX **_macs
+    cdef _Hmac *_macs
     cdef EVP_CIPHER_CTX **_ciphers
     cdef int _nkeys
     cdef bint _busy
@@ -875,7 +911,7 @@ cdef class BatchDecryptor:
         if self._busy:
             raise RuntimeError("BatchDecryptor re-initialised while decrypt() is running")
         self._free_contexts()
-        self._macs = <EVP_MAC_CTX **>calloc(len(key_list), sizeof(EVP_MAC_CTX *))
+        self._macs = <_Hmac *>calloc(len(key_list), sizeof(_Hmac))
         self._ciphers = <EVP_CIPHER_CTX **>calloc(len(key_list), sizeof(EVP_CIPHER_CTX *))
         if self._macs == NULL or self._ciphers == NULL:
             self._free_contexts()
@@ -892,8 +928,8 @@ cdef class BatchDecryptor:
     cdef void _free_contexts(self) noexcept:
         cdef int i
         for i in range(self._nkeys):
-            if self._macs != NULL and self._macs[i] != NULL:
-                EVP_MAC_CTX_free(self._macs[i])
+            if self._macs != NULL:
+                _hmac_free(&self._macs[i])
             if self._ciphers != NULL and self._ciphers[i] != NULL:
                 EVP_CIPHER_CTX_free(self._ciphers[i])
         free(self._macs)
@@ -904,8 +940,6 @@ cdef class BatchDecryptor:
 
     cdef int _init_key(self, int i, const unsigned char *signing_key, const unsigned char *encryption_key) except -1:
         cdef EVP_CIPHER *cipher = NULL
-        cdef EVP_MAC *mac = NULL
-        cdef OSSL_PARAM params[2]
         try:
             cipher = EVP_CIPHER_fetch(NULL, b"AES-128-CBC", NULL)
             if cipher == NULL:
@@ -913,24 +947,15 @@ cdef class BatchDecryptor:
             self._ciphers[i] = EVP_CIPHER_CTX_new()
             if self._ciphers[i] == NULL:
                 raise _openssl_error("EVP_CIPHER_CTX_new")
-            # Decryption key schedule once per key; each token only sets its IV.
+            # Decryption key schedule once per key; each run of tokens only sets an IV.
             if EVP_DecryptInit_ex2(self._ciphers[i], cipher, encryption_key, NULL, NULL) != 1:
                 raise _openssl_error("EVP_DecryptInit_ex2")
             if EVP_CIPHER_CTX_set_padding(self._ciphers[i], 0) != 1:
                 raise _openssl_error("EVP_CIPHER_CTX_set_padding")
-            mac = EVP_MAC_fetch(NULL, b"HMAC", NULL)
-            if mac == NULL:
-                raise _openssl_error("EVP_MAC_fetch(HMAC)")
-            self._macs[i] = EVP_MAC_CTX_new(mac)
-            if self._macs[i] == NULL:
-                raise _openssl_error("EVP_MAC_CTX_new")
-            params[0] = OSSL_PARAM_construct_utf8_string(b"digest", <char *>b"SHA256", 0)
-            params[1] = OSSL_PARAM_construct_end()
-            if EVP_MAC_init(self._macs[i], signing_key, KEY_SIZE, params) != 1:
-                raise _openssl_error("EVP_MAC_init")
+            if not _hmac_init(&self._macs[i], signing_key):
+                raise _openssl_error("HMAC-SHA256 key setup")
         finally:
             EVP_CIPHER_free(cipher)
-            EVP_MAC_free(mac)
         return 0
 
     def __dealloc__(self):
