@@ -34,7 +34,7 @@ from .reader import (
     verify_segments,
 )
 from .segment_source import ObjectFilter, SegmentRef
-from .segment_writer import WriterStartError
+from .segment_recovery import WriterStartError  # not segment_writer: that loads asyncio and prometheus_client
 from .serve import ServeError
 
 CONFIG_ENV = "TELEMETRY_SINK_CONFIG"
