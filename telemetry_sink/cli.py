@@ -33,8 +33,8 @@ from .reader import (
     total_size,
     verify_segments,
 )
-from .segment_source import ObjectFilter, SegmentRef
 from .segment_recovery import WriterStartError  # not segment_writer: that loads asyncio and prometheus_client
+from .segment_source import ObjectFilter, SegmentRef
 from .serve import ServeError
 
 CONFIG_ENV = "TELEMETRY_SINK_CONFIG"

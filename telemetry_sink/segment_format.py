@@ -10,12 +10,12 @@ import mmap
 import os
 import re
 import struct
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from . import crc_range
 from .crc_range import RangeCrc
 
 FILE_MAGIC = b"TSINKLOG"
@@ -79,7 +79,7 @@ def frame_batch(first_seq: int, created_ms: int, tokens: Sequence[bytes], keys: 
     if keys:
         parts.append(key_section(keys))
     body = b"".join(parts)
-    return BATCH_HEADER.pack(BATCH_MAGIC, len(body), zlib.crc32(body)) + body
+    return BATCH_HEADER.pack(BATCH_MAGIC, len(body), crc_range.crc32(body)) + body
 
 
 def key_section(keys: Sequence[KeyEntry]) -> bytes:
@@ -221,7 +221,7 @@ def _parse_at(buf: bytes | bytearray | mmap.mmap, offset: int, size: int,
         return "CRC mismatch"
     body = memoryview(buf)[start:end]
     try:
-        if crcs is None and zlib.crc32(body) != crc:
+        if crcs is None and crc_range.crc32(body) != crc:
             return "CRC mismatch"
         first_seq, count, created_ms = BODY_HEADER.unpack_from(body, 0)
         records_end = length

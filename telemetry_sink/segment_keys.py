@@ -5,7 +5,6 @@ of recent keyed batches from a log directory (the idempotency table's recovery a
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,14 +49,14 @@ def keyed_parts(frame: bytes, keys: Sequence[KeyEntry]) -> tuple[bytes, memoryvi
     (count,) = TOKEN_LEN.unpack_from(head, count_at)
     TOKEN_LEN.pack_into(head, count_at, count | KEYED_COUNT_BIT)
     section = key_section(keys)
-    crc = zlib.crc32(section, crc ^ crc_range.shift(_COUNT_BIT_CRC, length - BODY_HEADER_SIZE))
+    crc = crc_range.crc32(section, crc ^ crc_range.shift(_COUNT_BIT_CRC, length - BODY_HEADER_SIZE))
     BATCH_HEADER.pack_into(head, 0, BATCH_MAGIC, length + len(section), crc)
     return bytes(head), memoryview(frame)[BATCH_HEADER_SIZE + BODY_HEADER_SIZE :], section
 
 
 # crc32(D) ^ crc32(20 zero bytes), D = the body header with only the count's bit 31 set: what setting that
 # bit adds to the CRC of the header alone (for equal lengths, crc(a ^ b) = crc(a) ^ crc(b) ^ crc(zeros)).
-_COUNT_BIT_CRC = zlib.crc32(bytes(8) + KEYED_COUNT_BIT.to_bytes(4, "big") + bytes(8)) ^ zlib.crc32(bytes(20))
+_COUNT_BIT_CRC = crc_range.crc32(bytes(8) + KEYED_COUNT_BIT.to_bytes(4, "big") + bytes(8)) ^ crc_range.crc32(bytes(20))
 
 
 def recent_keys(directory: Path, since_ms: int, limit: int) -> list[tuple[int, KeyEntry]]:
@@ -105,7 +104,7 @@ def _segment_keys(path: Path, since_ms: int) -> list[tuple[int, KeyEntry]]:
             _, count, created_ms = BODY_HEADER.unpack_from(head, BATCH_HEADER_SIZE)
             if count & KEYED_COUNT_BIT and created_ms >= since_ms:
                 body = image.raw(offset + BATCH_HEADER_SIZE, end)
-                section = read_key_section(body, length) if zlib.crc32(body) == crc else "CRC"
+                section = read_key_section(body, length) if crc_range.crc32(body) == crc else "CRC"
                 if isinstance(section, str):
                     break
                 out.extend((created_ms, entry) for entry in section[1])
