@@ -113,11 +113,14 @@ class RecordingProxy:
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         finally:
-            for w in (writer, upstream[1] if upstream else None):
-                if w is not None:
-                    w.close()
-                    with contextlib.suppress(OSError):
-                        await w.wait_closed()
+            # Both closed before either is awaited: a handler cancelled (at proxy.close) while it
+            # waits for the first would otherwise leave the second's socket to the garbage collector.
+            writers = [w for w in (writer, upstream[1] if upstream else None) if w is not None]
+            for w in writers:
+                w.close()
+            for w in writers:
+                with contextlib.suppress(OSError):
+                    await w.wait_closed()
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
