@@ -5,7 +5,8 @@ acks, no delay-mode rate limit), its body is small and plain (Content-Length up 
 gzip: a single record to a few hundred) and nothing earlier on the connection is still being answered,
 the protocol collects the body as the parser delivers it, calls the same `IngestHandler` checks
 and the service's synchronous entry point when the message is complete, and writes the answer's
-bytes straight to the transport: no task, no ASGI messages, no receive/send coroutines. Every
+bytes straight to the transport: no task, no ASGI messages, no receive/send coroutines, and no
+ASGI scope (uvicorn's is built only for a request that goes to ASGI). Every
 other request (other routes, a query string, durable acks, delay mode, an upgrade, a large,
 gzip or chunked body, a request pipelined behind one still on ASGI) goes through uvicorn and the
 ASGI app as before, so the contract has one implementation and this module only changes how the
@@ -17,7 +18,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
-from uvicorn.protocols.utils import get_client_addr
 
 from .errors import IngestError
 from .guard import GuardedHttpToolsProtocol
@@ -71,6 +71,41 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
     _prefix_for: ClassVar[list[tuple[bytes, bytes]] | None] = None
     _prefix: ClassVar[bytes] = b""
 
+    # uvicorn's on_message_begin builds the request's ASGI scope, for every request; the fast lane
+    # needs none, so with the lane on the scope is built only when a request goes to ASGI
+    # (`_to_asgi`), and on_header appends without the extra layer: 1.2 against 4.2 µs a request
+    # for the head callbacks of a 4-header POST (this machine, timeit).
+    def on_message_begin(self) -> None:
+        if self.handler is None:
+            super().on_message_begin()
+            return
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = None  # type: ignore[assignment]  # built by _to_asgi when needed
+        self.head_started()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.scope is not None:  # lane off (or a scope already built): uvicorn's own
+            super().on_header(name, value)
+            return
+        self._saw_header = True
+        name = name.lower()  # what uvicorn's on_header does, without the two calls around it
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def _to_asgi(self) -> None:
+        """Hand the request whose head is complete to uvicorn's handling (and so to ASGI)."""
+        if self.scope is None:
+            # uvicorn's on_message_begin makes the scope (and a fresh url, header list and expect
+            # flag): keep what this head set, in the list the scope refers to.
+            url, headers, expect = self.url, self.headers, self.expect_100_continue
+            super().on_message_begin()
+            self.url, self.expect_100_continue = url, expect
+            self.headers.extend(headers)
+        super().on_headers_complete()
+
     def on_headers_complete(self) -> None:
         handler = self.handler
         parser = self.parser
@@ -79,7 +114,7 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
         if (handler is None or self.url != _PATH or parser.get_method() != b"POST" or self.busy()
                 or not handler.service.can_decide_now or parser.should_upgrade()
                 or not _small_plain_body(self.headers)):
-            super().on_headers_complete()
+            self._to_asgi()
             return
         self.body_started()
         version = parser.get_http_version()
@@ -149,8 +184,9 @@ class FastLaneProtocol(GuardedHttpToolsProtocol):
             out.append(body)
             transport.write(b"".join(out))
         if self.access_log:
-            self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope), "POST", "/telemetry",
-                                    fast.http_version, status)
+            client = self.client  # as uvicorn's get_client_addr words it (no scope on this lane)
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', f"{client[0]}:{client[1]}" if client else "", "POST",
+                                    "/telemetry", fast.http_version, status)
         if close:
             self.linger_close()
         elif self.flow.write_paused:

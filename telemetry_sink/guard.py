@@ -142,6 +142,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.head_started()
+
+    def head_started(self) -> None:
+        """A request begins: the head's deadline starts."""
         self._saw_header = False
         self._deadline = self.loop.time() + self.header_timeout_s
 
