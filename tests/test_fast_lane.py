@@ -104,6 +104,21 @@ def test_expect_100_continue_then_the_body(server: ServerProcess) -> None:
         assert read_response(f)[0] == 202
 
 
+def test_a_request_handed_to_asgi_keeps_its_head(server: ServerProcess) -> None:
+    """A gzip body goes to ASGI even with the lane on, after the lane read its head: the ASGI side still
+    sees every header (Content-Encoding: the body decodes) and the Expect (its 100 Continue comes)."""
+    import gzip
+
+    body = gzip.compress(record("handed-over"))
+    with connect(server) as sock, sock.makefile("rb") as f:
+        head = post_bytes(body, extra="Content-Encoding: gzip\r\nExpect: 100-continue\r\n")[: -len(body)]
+        sock.sendall(head)
+        assert f.readline() == b"HTTP/1.1 100 Continue\r\n" and f.readline() == b"\r\n"
+        sock.sendall(body)
+        status, _, answer = read_response(f)
+        assert status == 202, answer
+
+
 def test_expect_100_continue_refused_before_the_body_closes(server: ServerProcess) -> None:
     with connect(server) as sock, sock.makefile("rb") as f:
         sock.sendall(post_bytes(b"x" * 10, content_type="text/plain", extra="Expect: 100-continue\r\n")[:-10])
