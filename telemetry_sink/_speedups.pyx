@@ -218,28 +218,29 @@ cdef struct _Hmac:
     EVP_MD_CTX *work
 
 
+cdef bint _pad_state(EVP_MD_CTX *ctx, const EVP_MD *md, const unsigned char *key, unsigned char pad_byte) noexcept nogil:
+    """`ctx` = SHA-256 after the key's 64-byte pad block (key XOR `pad_byte`, zero-extended)."""
+    cdef unsigned char pad[64]
+    cdef int i
+    cdef bint ok
+    memset(pad, pad_byte, 64)
+    for i in range(KEY_SIZE):
+        pad[i] ^= key[i]
+    ok = EVP_DigestInit_ex2(ctx, md, NULL) == 1 and EVP_DigestUpdate(ctx, pad, 64) == 1
+    OPENSSL_cleanse(pad, 64)
+    return ok
+
+
 cdef int _hmac_init(_Hmac *h, const unsigned char *key) noexcept nogil:
     """Key `h` (zeroed, or freed) with a 16-byte signing key: 1, or 0 when OpenSSL fails (then
     _hmac_free it)."""
-    cdef unsigned char pad[64]
     cdef EVP_MD *md = EVP_MD_fetch(NULL, b"SHA256", NULL)
     cdef bint ok
-    cdef int i
     h.inner = EVP_MD_CTX_new()
     h.outer = EVP_MD_CTX_new()
     h.work = EVP_MD_CTX_new()
-    ok = md != NULL and h.inner != NULL and h.outer != NULL and h.work != NULL
-    if ok:
-        memset(pad, 0x36, 64)
-        for i in range(KEY_SIZE):
-            pad[i] ^= key[i]
-        ok = EVP_DigestInit_ex2(h.inner, md, NULL) == 1 and EVP_DigestUpdate(h.inner, pad, 64) == 1
-    if ok:
-        memset(pad, 0x5C, 64)
-        for i in range(KEY_SIZE):
-            pad[i] ^= key[i]
-        ok = EVP_DigestInit_ex2(h.outer, md, NULL) == 1 and EVP_DigestUpdate(h.outer, pad, 64) == 1
-    OPENSSL_cleanse(pad, 64)
+    ok = (md != NULL and h.inner != NULL and h.outer != NULL and h.work != NULL
+          and _pad_state(h.inner, md, key, 0x36) and _pad_state(h.outer, md, key, 0x5C))
     EVP_MD_free(md)  # the contexts hold their own references
     return ok
 
@@ -252,23 +253,26 @@ cdef void _hmac_free(_Hmac *h) noexcept nogil:
     h.inner = h.outer = h.work = NULL
 
 
+cdef int _digest_from(EVP_MD_CTX *work, const EVP_MD_CTX *state, const unsigned char *data, size_t n,
+                      unsigned char *out) noexcept nogil:
+    """SHA-256 continued from `state` over `data`, into `out` (32 bytes); STEP_OK or the failing step."""
+    cdef unsigned int length = 0
+    if EVP_MD_CTX_copy_ex(work, state) != 1:
+        return STEP_MAC_INIT
+    if EVP_DigestUpdate(work, data, n) != 1:
+        return STEP_MAC_UPDATE
+    if EVP_DigestFinal_ex(work, out, &length) != 1 or length != MAC_SIZE:
+        return STEP_MAC_FINAL
+    return STEP_OK
+
+
 cdef int _hmac(_Hmac *h, const unsigned char *data, size_t n, unsigned char *tag) noexcept nogil:
     """The 32-byte HMAC-SHA256 of `data` into `tag`; STEP_OK or the step that failed."""
     cdef unsigned char inner[MAC_SIZE]
-    cdef unsigned int length = 0
-    if EVP_MD_CTX_copy_ex(h.work, h.inner) != 1:
-        return STEP_MAC_INIT
-    if EVP_DigestUpdate(h.work, data, n) != 1:
-        return STEP_MAC_UPDATE
-    if EVP_DigestFinal_ex(h.work, inner, &length) != 1 or length != MAC_SIZE:
-        return STEP_MAC_FINAL
-    if EVP_MD_CTX_copy_ex(h.work, h.outer) != 1:
-        return STEP_MAC_INIT
-    if EVP_DigestUpdate(h.work, inner, MAC_SIZE) != 1:
-        return STEP_MAC_UPDATE
-    if EVP_DigestFinal_ex(h.work, tag, &length) != 1 or length != MAC_SIZE:
-        return STEP_MAC_FINAL
-    return STEP_OK
+    cdef int step = _digest_from(h.work, h.inner, data, n, inner)
+    if step != STEP_OK:
+        return step
+    return _digest_from(h.work, h.outer, inner, MAC_SIZE, tag)
 
 
 cdef int _frame_into(EVP_CIPHER_CTX *cctx, _Hmac *mac, uint64_t seq, uint64_t created_ms,
