@@ -80,6 +80,9 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap
 # then that many bytes) laid out from `pos` inside [pos, end), or -1 when a length would run past
 # `end`, -2 when a token would: segment_format checks a batch's layout with it.
 ScanTokens = Callable[[Buffer, int, int, int], int]
+# has_digit_run(data, run) -> whether `data` holds `run` (at least 1) or more consecutive ASCII digits:
+# how records.py finds the rare bodies that may hold an integer wider than orjson keeps exactly.
+DigitRun = Callable[[Buffer, int], bool]
 # split_tokens(image, pos, count) -> (the `count` tokens from `pos`, copied out as bytes, the
 # position after them): how a checked batch's tokens are read.
 SplitTokens = Callable[[Buffer, int, int], tuple[list[bytes], int]]

@@ -1197,6 +1197,31 @@ def record_span(list values):
     return lo, hi, nodes
 
 
+def has_digit_run(const unsigned char[::1] data, Py_ssize_t run):
+    """Whether `data` holds `run` (at least 1) or more consecutive ASCII digits. Looks at the last
+    byte of each window of `run` bytes first: a non-digit there rules the whole window out, so
+    ordinary text costs about one look per `run` bytes."""
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t i = run - 1
+    cdef Py_ssize_t start
+    if run < 1:
+        raise ValueError("has_digit_run: run must be at least 1")
+    while i < n:
+        if <unsigned char>(data[i] - 48) >= 10:
+            i += run
+            continue
+        start = i  # a digit: how far back does its run reach (up to a whole window)?
+        while start > i - run + 1 and <unsigned char>(data[start - 1] - 48) < 10:
+            start -= 1
+        i += 1
+        while i < n and i - start < run and <unsigned char>(data[i] - 48) < 10:
+            i += 1
+        if i - start >= run:
+            return True
+        i += run  # data[i] is no digit (or the end): the next window ends `run` bytes on
+    return False
+
+
 # -- the length-prefixed tokens of a batch body (segment_format._parse_at and Batch) --
 
 

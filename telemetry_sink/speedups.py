@@ -13,6 +13,7 @@ import os
 from ._protocols import (
     BatchDecryptorProtocol,
     BatchFramerProtocol,
+    DigitRun,
     JsonColumns,
     RecordSpan,
     ScanTokens,
@@ -33,6 +34,7 @@ try:
         TokenBucket,
         check_records,
         dump_records,
+        has_digit_run,
         json_columns,
         record_span,
         scan_tokens,
@@ -47,6 +49,7 @@ except ImportError as exc:  # not compiled: the twin behaves the same, only slow
         TokenBucket,
         check_records,
         dump_records,
+        has_digit_run,
         json_columns,
         record_span,
         scan_tokens,
@@ -65,9 +68,10 @@ _bucket: type[TokenBucketProtocol] = TokenBucket
 _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
 _span: RecordSpan = record_span
 _scan: ScanTokens = scan_tokens
+_digits: DigitRun = has_digit_run
 _split: SplitTokens = split_tokens
 _columns: JsonColumns = json_columns
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket", "check_records", "dump_records", "json_columns",
+           "TokenBucket", "check_records", "dump_records", "has_digit_run", "json_columns",
            "record_span", "scan_tokens", "split_tokens"]

@@ -160,3 +160,32 @@ def test_token_functions_refuse_ranges_outside_the_buffer(speedups_impl: ModuleT
         speedups_impl.split_tokens(buf[:-1], 0, 1)
     with pytest.raises(ValueError):
         speedups_impl.split_tokens(buf, 4, 1)
+
+
+def _longest_digit_run(data: bytes) -> int:
+    longest = current = 0
+    for byte in data:
+        current = current + 1 if 0x30 <= byte <= 0x39 else 0
+        longest = max(longest, current)
+    return longest
+
+
+digit_texts = st.lists(st.one_of(st.sampled_from([b"0", b"7", b"9", b"/", b":", b" ", b"a", b"."]),
+                                 st.integers(0, 30).map(lambda n: b"5" * n)), max_size=80).map(b"".join)
+
+
+@settings(SETTINGS, max_examples=400)
+@given(text=digit_texts, run=st.integers(1, 25))
+def test_digit_run_twins_agree_with_the_longest_run(text: bytes, run: int) -> None:
+    """has_digit_run, compiled and twin, says whether the longest run of ASCII digits reaches `run`
+    (the neighbours of '0' and '9', '/' and ':', are no digits), for bytes and a memoryview."""
+    compiled, twin = compiled_speedups(), speedups_module("pure-python")
+    expected = _longest_digit_run(text) >= run
+    for impl in (compiled, twin):
+        assert impl.has_digit_run(text, run) is expected
+        assert impl.has_digit_run(memoryview(text), run) is expected
+
+
+def test_digit_run_refuses_a_run_below_one(speedups_impl: ModuleType) -> None:
+    with pytest.raises(ValueError):
+        speedups_impl.has_digit_run(b"123", 0)
