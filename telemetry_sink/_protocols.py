@@ -83,6 +83,19 @@ ScanTokens = Callable[[Buffer, int, int, int], int]
 # has_digit_run(data, run) -> whether `data` holds `run` (at least 1) or more consecutive ASCII digits:
 # how records.py finds the rare bodies that may hold an integer wider than orjson keeps exactly.
 DigitRun = Callable[[Buffer, int], bool]
+
+# parse_plain_post(data, path, max_head, max_body) -> (bytes used, headers, body, keep-alive) for a
+# whole `POST <path> HTTP/1.1` request at the start of `data`, or None for anything else: the fast
+# lane answers such a request without the HTTP parser, which takes everything that is not plain.
+# Plain means: that exact request line (no query, no other version); header lines of a token name,
+# ':', optional spaces or tabs and a value of visible ASCII (inner spaces and tabs allowed, none at
+# its end), each ended by CRLF; exactly one Content-Length of 1-9 digits, at most `max_body`;
+# Connection only `keep-alive` or `close` (any case); no Transfer-Encoding, Content-Encoding, Expect,
+# Upgrade or Proxy-Connection; the head (request line to the empty line) within `max_head` bytes and
+# the whole body in `data`. Names come lower-cased, values as sent: what httptools and uvicorn make
+# of the same bytes (tests/test_fast_lane.py checks both against httptools).
+PlainRequest = tuple[int, list[tuple[bytes, bytes]], bytes, bool]
+PlainPost = Callable[[bytes, bytes, int, int], PlainRequest | None]
 # split_tokens(image, pos, count) -> (the `count` tokens from `pos`, copied out as bytes, the
 # position after them): how a checked batch's tokens are read.
 SplitTokens = Callable[[Buffer, int, int], tuple[list[bytes], int]]

@@ -1222,6 +1222,95 @@ def has_digit_run(const unsigned char[::1] data, Py_ssize_t run):
     return False
 
 
+# -- a whole, plain POST request in one read (fast_lane.FastLaneProtocol) --
+
+
+cdef unsigned char _TCHAR[256]  # RFC 9110 token characters: what a header name is made of
+for _c in list(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"):
+    _TCHAR[_c] = 1
+cdef unsigned char _VCHAR[256]  # header value bytes taken here: visible ASCII, space, tab
+for _c in range(0x21, 0x7F):
+    _VCHAR[_c] = 1
+_VCHAR[32] = 1
+_VCHAR[9] = 1
+# Headers that make a request anything but plain: the parser (httptools) decides those.
+_NOT_PLAIN = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"proxy-connection"))
+
+
+cdef inline bint _is_ows(unsigned char c) noexcept:
+    return c == 32 or c == 9
+
+
+def parse_plain_post(bytes data, bytes path, Py_ssize_t max_head, Py_ssize_t max_body):
+    """A whole `POST <path> HTTP/1.1` request at the start of `data`, in the strict subset described
+    in _protocols.PlainPost: (bytes used, [(lower-case name, value)], body, keep-alive) or None."""
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(path)
+    cdef Py_ssize_t pos = 5 + plen + 11
+    cdef Py_ssize_t start, name_end, vstart, vend, i, length = -1
+    cdef bint keep_alive = True
+    cdef bytes name
+    cdef char *lower
+    cdef list headers = []
+    if (n < pos or memcmp(s, b"POST ", 5) != 0 or memcmp(s + 5, PyBytes_AS_STRING(path), plen) != 0
+            or memcmp(s + 5 + plen, b" HTTP/1.1\r\n", 11) != 0):
+        return None
+    while True:
+        if pos + 2 > n or pos > max_head:
+            return None
+        if s[pos] == 13:
+            if s[pos + 1] != 10:
+                return None
+            pos += 2
+            break
+        start = pos
+        while pos < n and _TCHAR[s[pos]]:
+            pos += 1
+        if pos == start or pos >= n or s[pos] != 58:  # a name, then ':'
+            return None
+        name_end = pos
+        pos += 1
+        while pos < n and _is_ows(s[pos]):
+            pos += 1
+        vstart = pos
+        while pos < n and _VCHAR[s[pos]]:
+            pos += 1
+        vend = pos
+        if pos + 1 >= n or s[pos] != 13 or s[pos + 1] != 10 or (vend > vstart and _is_ows(s[vend - 1])):
+            return None
+        pos += 2
+        # A fresh object to lower-case into (given a source, CPython would hand back its shared
+        # one-byte bytes object, which must never be written).
+        name = PyBytes_FromStringAndSize(NULL, name_end - start)
+        lower = PyBytes_AS_STRING(name)
+        for i in range(name_end - start):
+            lower[i] = s[start + i] + 32 if 65 <= s[start + i] <= 90 else s[start + i]
+        value = PyBytes_FromStringAndSize(<const char *>s + vstart, vend - vstart)
+        if name == b"content-length":
+            if length >= 0 or vend == vstart or vend - vstart > 9:
+                return None
+            length = 0
+            for i in range(vstart, vend):
+                if <unsigned char>(s[i] - 48) >= 10:
+                    return None
+                length = length * 10 + (s[i] - 48)
+            if length > max_body:
+                return None
+        elif name == b"connection":
+            lowered = value.lower()
+            if lowered == b"close":
+                keep_alive = False
+            elif lowered != b"keep-alive":
+                return None
+        elif name in _NOT_PLAIN:
+            return None
+        headers.append((name, value))
+    if pos > max_head or length < 0 or pos + length > n:
+        return None
+    return pos + length, headers, data[pos:pos + length], keep_alive
+
+
 # -- the length-prefixed tokens of a batch body (segment_format._parse_at and Batch) --
 
 

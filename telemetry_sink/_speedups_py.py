@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import operator
+import re
 import struct
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
-from ._protocols import Buffer
+from ._protocols import Buffer, PlainRequest
 
 IMPLEMENTATION = "pure-python"
 
@@ -168,6 +169,53 @@ def has_digit_run(data: Buffer, run: int) -> bool:
     if run < 1:
         raise ValueError("has_digit_run: run must be at least 1")
     return b"0" * run in bytes(data).translate(_DIGITS_AS_ZERO)
+
+
+# One header line of a plain request (see _protocols.PlainPost): a token name, ':', optional
+# whitespace, then a value of visible ASCII with inner spaces or tabs, then CRLF.
+_HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+                          rb"((?:[\x21-\x7e](?:[\x21-\x7e \t]*[\x21-\x7e])?)?)\r\n")
+_NOT_PLAIN = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"proxy-connection"))
+
+
+def parse_plain_post(data: bytes, path: bytes, max_head: int, max_body: int) -> PlainRequest | None:
+    """A whole, plain `POST <path> HTTP/1.1` request at the start of `data` (see _protocols.PlainPost)."""
+    pos = 5 + len(path) + 11
+    if not data.startswith(b"POST " + path + b" HTTP/1.1\r\n"):
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    length = -1
+    keep_alive = True
+    while True:
+        if pos + 2 > len(data) or pos > max_head:
+            return None
+        if data[pos] == 13:
+            if data[pos + 1] != 10:
+                return None
+            pos += 2
+            break
+        line = _HEADER_LINE.match(data, pos)
+        if line is None:
+            return None
+        pos = line.end()
+        name, value = line[1].lower(), line[2]
+        if name == b"content-length":
+            if length >= 0 or not value or len(value) > 9 or not value.isdigit():
+                return None
+            length = int(value)
+            if length > max_body:
+                return None
+        elif name == b"connection":
+            if value.lower() == b"close":
+                keep_alive = False
+            elif value.lower() != b"keep-alive":
+                return None
+        elif name in _NOT_PLAIN:
+            return None
+        headers.append((name, value))
+    if pos > max_head or length < 0 or pos + length > len(data):
+        return None
+    return pos + length, headers, data[pos:pos + length], keep_alive
 
 
 _TOKEN_LEN = struct.Struct(">I")

@@ -15,6 +15,7 @@ from ._protocols import (
     BatchFramerProtocol,
     DigitRun,
     JsonColumns,
+    PlainPost,
     RecordSpan,
     ScanTokens,
     SplitTokens,
@@ -36,6 +37,7 @@ try:
         dump_records,
         has_digit_run,
         json_columns,
+        parse_plain_post,
         record_span,
         scan_tokens,
         split_tokens,
@@ -51,6 +53,7 @@ except ImportError as exc:  # not compiled: the twin behaves the same, only slow
         dump_records,
         has_digit_run,
         json_columns,
+        parse_plain_post,
         record_span,
         scan_tokens,
         split_tokens,
@@ -69,9 +72,10 @@ _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
 _span: RecordSpan = record_span
 _scan: ScanTokens = scan_tokens
 _digits: DigitRun = has_digit_run
+_plain: PlainPost = parse_plain_post
 _split: SplitTokens = split_tokens
 _columns: JsonColumns = json_columns
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket", "check_records", "dump_records", "has_digit_run", "json_columns",
+           "TokenBucket", "check_records", "dump_records", "has_digit_run", "json_columns", "parse_plain_post",
            "record_span", "scan_tokens", "split_tokens"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -72,6 +73,50 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(server: Serv
     # is ASGI's, queue behind it on ASGI so that the answers keep their order.
     counted = metric(server, "telemetry_sink_fast_lane_requests_total") - before
     assert counted == (1 if lane == "fast" else 0)
+
+
+def test_plain_requests_in_one_read_are_all_answered_on_the_lane(server: ServerProcess, lane: str) -> None:
+    """Plain POSTs pipelined in one write, each whole (what the compiled parse takes), are each
+    answered, in order, and counted on the fast lane when it is on."""
+    before = metric(server, "telemetry_sink_fast_lane_requests_total")
+    pair = b"[" + record("a") + b"," + record("b") + b"]"
+    batch = post_bytes(record("one")) + post_bytes(b"{broken") + post_bytes(pair)
+    with connect(server) as sock, sock.makefile("rb") as f:
+        sock.sendall(batch)
+        answers = [read_response(f) for _ in range(3)]
+    assert [(a[0], a[2][:16]) for a in answers] == [(202, b'{"accepted":1}'), (400, b'{"error":"invali'),
+                                                  (202, b'{"accepted":2}')]
+    assert metric(server, "telemetry_sink_fast_lane_requests_total") - before == (3 if lane == "fast" else 0)
+
+
+def test_a_body_that_looks_like_a_request_is_read_as_the_body(server: ServerProcess) -> None:
+    """A request whose head comes in one read (behind a whole one) and whose body, in the next, is itself
+    a plain POST: the parser holds the first part, so the body is that request's body (400: not JSON),
+    never a request of its own (which would store a record nobody sent as one)."""
+    smuggled = post_bytes(record("smuggled"))
+    outer = post_bytes(smuggled)
+    split = len(outer) - len(smuggled)
+    with connect(server) as sock, sock.makefile("rb") as f:
+        sock.sendall(post_bytes(record("first")) + outer[:split])
+        assert read_response(f)[0] == 202
+        sock.sendall(outer[split:])
+        status, _, body = read_response(f)
+        assert status == 400 and b"invalid_json" in body
+        sock.sendall(post_bytes(record("after")))  # and the connection goes on as before
+        assert read_response(f)[0] == 202
+
+
+def test_a_request_cut_anywhere_across_reads_is_answered(server: ServerProcess) -> None:
+    """The same plain request, cut at every position into two writes: each is answered once, 202."""
+    wire = post_bytes(record("cut"))
+    with connect(server) as sock, sock.makefile("rb") as f:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for cut in range(1, len(wire), 7):
+            sock.sendall(wire[:cut])
+            time.sleep(0.002)  # most often two reads on the server
+            sock.sendall(wire[cut:])
+            status, _, body = read_response(f)
+            assert (status, body) == (202, b'{"accepted":1}'), cut
 
 
 def test_keep_alive_then_connection_close_closes_after_the_answer(server: ServerProcess) -> None:

@@ -189,3 +189,99 @@ def test_digit_run_twins_agree_with_the_longest_run(text: bytes, run: int) -> No
 def test_digit_run_refuses_a_run_below_one(speedups_impl: ModuleType) -> None:
     with pytest.raises(ValueError):
         speedups_impl.has_digit_run(b"123", 0)
+
+
+_GOOD_NAMES = [b"Host", b"content-type", b"X-Node", b"Connection", b"Authorization", b"a", b"X", b"X!#$%&'*+-.^_`|~9"]
+_GOOD_VALUES = [b"x", b"application/json", b"keep-alive", b"Close", b"a b\tc", b"", b"a:b", b"5"]
+_ODD_NAMES = [b"Content-Length", b"Transfer-Encoding", b"Expect", b"Upgrade", b"Proxy-Connection", b"Content-Encoding",
+              b"Bad Name", b"Bad\x7fName", b"", b"Caf\xc3\xa9"]
+_ODD_VALUES = [b"close, upgrade", b" padded", b"trailing ", b"tab\t", b"caf\xc3\xa9", b"ctl\x01", b"05", b"-1", b"1 2",
+               b"99999999999", b"chunked", b"100-continue", b"gzip"]
+
+
+def _mostly(good: list[bytes], odd: list[bytes]) -> st.SearchStrategy[bytes]:
+    """One of `good`, or one of `odd` about one time in eight."""
+    return st.tuples(st.integers(0, 7), st.sampled_from(good), st.sampled_from(odd)).map(
+        lambda t: t[1] if t[0] else t[2])
+
+
+@st.composite
+def requests_on_the_wire(draw: st.DrawFn) -> bytes:
+    """POST requests, plain more often than not, with the odd thing httptools must decide: headers from
+    a mixed bag (folded lines, bare LF, duplicate or wrong lengths, odd bytes), more bytes after."""
+    line = draw(_mostly([b"POST /telemetry HTTP/1.1"], [b"POST /telemetry HTTP/1.0", b"POST /telemetry?x HTTP/1.1",
+                        b"GET /telemetry HTTP/1.1", b"POST /telemetryx HTTP/1.1", b"post /telemetry HTTP/1.1"]))
+    body = draw(st.binary(max_size=40))
+    headers = []
+    if draw(st.integers(0, 5)):
+        headers.append(b"Content-Length: %d" % draw(_mostly([len(body)], [len(body) + 3, 0, 1]).map(int)))
+    for name, value in draw(st.lists(st.tuples(_mostly(_GOOD_NAMES, _ODD_NAMES), _mostly(_GOOD_VALUES, _ODD_VALUES)),
+                                     max_size=5)):
+        separator = draw(_mostly([b": ", b":", b":\t"], [b" : ", b"\t:"]))
+        headers.insert(draw(st.integers(0, len(headers))), name + separator + value)
+    if draw(st.booleans()):  # keep-alive is what a mistake would get wrong most quietly
+        headers.insert(draw(st.integers(0, len(headers))), b"Connection: " + draw(st.sampled_from(
+            [b"close", b"Close", b"keep-alive", b"KEEP-ALIVE", b"upgrade", b"close, upgrade"])))
+    ending = draw(_mostly([b"\r\n"], [b"\n", b"\r\n ", b"\r"]))
+    tail = draw(st.sampled_from([b"", b"POST /telemetry HTTP/1.1\r\n", b"GET / HTTP/1.1\r\n\r\n"]))
+    return line + b"\r\n" + b"".join(h + ending for h in headers) + b"\r\n" + body + tail
+
+
+class _Heard:
+    """What httptools makes of a request: headers (names lower-cased, as uvicorn keeps them), body, and
+    what uvicorn asks the parser once the head is complete (method, version, keep-alive, upgrade)."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.complete = False
+        self.head: tuple[bytes, str, bool, bool] | None = None
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.head = (parser.get_method(), parser.get_http_version(), parser.should_keep_alive(),
+                     parser.should_upgrade())
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+@settings(SETTINGS, max_examples=1500)
+@given(wire=requests_on_the_wire(), max_head=st.sampled_from([32768, 60]), max_body=st.sampled_from([65536, 10]))
+def test_plain_post_twins_agree_and_read_what_httptools_reads(wire: bytes, max_head: int, max_body: int) -> None:
+    """parse_plain_post, compiled and twin, give the same answer for any bytes; and whatever they take
+    as a plain request, httptools reads the same way: the same headers and body, complete after
+    exactly the bytes they used, the same keep-alive; within the head and body limits."""
+    compiled, twin = compiled_speedups(), speedups_module("pure-python")
+    found = compiled.parse_plain_post(wire, b"/telemetry", max_head, max_body)
+    assert found == twin.parse_plain_post(wire, b"/telemetry", max_head, max_body)
+    if found is None:
+        return
+    used, headers, body, keep_alive = found
+    heard = _Heard()
+    heard.parser.feed_data(wire[:used])
+    assert heard.complete and (heard.headers, heard.body) == (headers, body)
+    assert heard.head == (b"POST", "1.1", keep_alive, False)
+    assert wire.index(b"\r\n\r\n") + 4 <= max_head and len(body) <= max_body
+
+
+def test_plain_post_takes_the_common_request_and_leaves_the_rest(speedups_impl: ModuleType) -> None:
+    head = b"POST /telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+    parse = speedups_impl.parse_plain_post
+    assert parse(head + b"{}GET", b"/telemetry", 32768, 65536) == (
+        len(head) + 2, [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", b"2")], b"{}",
+        True)
+    assert parse(head + b"{", b"/telemetry", 32768, 65536) is None  # the body is not all there
+    assert parse(head + b"{}", b"/telemetry", len(head) - 1, 65536) is None  # the head is over the limit
+    assert parse(head + b"{}", b"/telemetry", 32768, 1) is None  # the body is over the limit
+    folded = head.replace(b"Host: x\r\n", b"Host: x\r\n y\r\n")
+    assert parse(folded + b"{}", b"/telemetry", 32768, 65536) is None  # obs-fold: httptools decides
