@@ -82,7 +82,7 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap
 ScanTokens = Callable[[Buffer, int, int, int], int]
 # has_digit_run(data, run) -> whether `data` holds `run` (at least 1) or more consecutive ASCII digits:
 # how records.py finds the rare bodies that may hold an integer wider than orjson keeps exactly.
-DigitRun = Callable[[Buffer, int], bool]
+DigitRun = Callable[[bytes, int], bool]
 
 # parse_plain_post(data, path, max_head, max_body) -> (bytes used, headers, body, keep-alive) for a
 # whole `POST <path> HTTP/1.1` request at the start of `data`, or None for anything else: the fast

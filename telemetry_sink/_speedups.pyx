@@ -1197,24 +1197,26 @@ def record_span(list values):
     return lo, hi, nodes
 
 
-def has_digit_run(const unsigned char[::1] data, Py_ssize_t run):
+def has_digit_run(bytes data not None, Py_ssize_t run):
     """Whether `data` holds `run` (at least 1) or more consecutive ASCII digits. Looks at the last
     byte of each window of `run` bytes first: a non-digit there rules the whole window out, so
-    ordinary text costs about one look per `run` bytes."""
-    cdef Py_ssize_t n = data.shape[0]
+    ordinary text costs about one look per `run` bytes. (bytes, not a buffer: a memoryview's set-up
+    cost more than the whole scan of a single record.)"""
+    cdef const unsigned char *data_ = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t i = run - 1
     cdef Py_ssize_t start
     if run < 1:
         raise ValueError("has_digit_run: run must be at least 1")
     while i < n:
-        if <unsigned char>(data[i] - 48) >= 10:
+        if <unsigned char>(data_[i] - 48) >= 10:
             i += run
             continue
         start = i  # a digit: how far back does its run reach (up to a whole window)?
-        while start > i - run + 1 and <unsigned char>(data[start - 1] - 48) < 10:
+        while start > i - run + 1 and <unsigned char>(data_[start - 1] - 48) < 10:
             start -= 1
         i += 1
-        while i < n and i - start < run and <unsigned char>(data[i] - 48) < 10:
+        while i < n and i - start < run and <unsigned char>(data_[i] - 48) < 10:
             i += 1
         if i - start >= run:
             return True
@@ -1241,7 +1243,7 @@ cdef inline bint _is_ows(unsigned char c) noexcept:
     return c == 32 or c == 9
 
 
-def parse_plain_post(bytes data, bytes path, Py_ssize_t max_head, Py_ssize_t max_body):
+def parse_plain_post(bytes data not None, bytes path not None, Py_ssize_t max_head, Py_ssize_t max_body):
     """A whole `POST <path> HTTP/1.1` request at the start of `data`, in the strict subset described
     in _protocols.PlainPost: (bytes used, [(lower-case name, value)], body, keep-alive) or None."""
     cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(data)

@@ -164,11 +164,11 @@ def record_span(values: list[Any]) -> tuple[float, float, set[str]]:
 _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 
 
-def has_digit_run(data: Buffer, run: int) -> bool:
+def has_digit_run(data: bytes, run: int) -> bool:
     """Whether `data` holds `run` or more consecutive ASCII digits (see _protocols.DigitRun)."""
     if run < 1:
         raise ValueError("has_digit_run: run must be at least 1")
-    return b"0" * run in bytes(data).translate(_DIGITS_AS_ZERO)
+    return b"0" * run in data.translate(_DIGITS_AS_ZERO)
 
 
 # One header line of a plain request (see _protocols.PlainPost): a token name, ':', optional

@@ -28,54 +28,59 @@ def _too_many(limit: int) -> IngestError:
 def parse_body(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS) -> list[Any]:
     """Decode a JSON (object or array of objects) or NDJSON body into a list of values, refusing
     more than `max_records` (NDJSON lines are counted before any is parsed)."""
-    return [value for piece in parse_slices(body, fmt, max_records) for value in piece]
+    if fmt == "ndjson":
+        return [value for piece in parse_slices(body, fmt, max_records) for value in piece]
+    return _parse_document(body, max_records)  # one call, no generator: the common single record
 
 
 def parse_slices(body: bytes, fmt: str, max_records: int = DEFAULT_MAX_RECORDS,
                  slice_records: int = 0) -> Iterator[list[Any]]:
     """parse_body in pieces of `slice_records` NDJSON lines (0: one piece), so that a caller can
     yield to others between them; a JSON document is always one piece (one C call)."""
-    # A C-speed count bounds the per-line work before it starts (NDJSON; blank lines count too).
-    if fmt == "ndjson" and body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
+    if fmt != "ndjson":
+        yield _parse_document(body, max_records)
+        return
+    # A C-speed count bounds the per-line work before it starts (blank lines count too).
+    if body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
         raise _too_many(max_records)
     wide = has_digit_run(body, _WIDE_DIGITS)  # compiled: no per-byte Python work
-    if fmt == "ndjson":
-        lines = body.split(b"\n")
-        step = slice_records or len(lines)
-        seen = 0
-        loads = orjson.loads
-        for start in range(0, len(lines), step):
-            values: list[Any] = []
-            for lineno, line in enumerate(lines[start:start + step], start + 1):
-                if not line.strip():
-                    continue
-                try:
-                    values.append(loads(line))
-                except orjson.JSONDecodeError as exc:
-                    raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
-                if wide and has_digit_run(line, _WIDE_DIGITS):
-                    _refuse_wide_integers(line, seen + len(values) - 1)
-            seen += len(values)
-            if start + step >= len(lines) and not seen:
-                raise _invalid(0, "the body holds no records")
-            yield values
-        return
+    lines = body.split(b"\n")
+    step = slice_records or len(lines)
+    seen = 0
+    loads = orjson.loads
+    for start in range(0, len(lines), step):
+        values: list[Any] = []
+        for lineno, line in enumerate(lines[start:start + step], start + 1):
+            if not line.strip():
+                continue
+            try:
+                values.append(loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise IngestError(400, "invalid_json", f"line {lineno}: {exc}") from None
+            if wide and has_digit_run(line, _WIDE_DIGITS):
+                _refuse_wide_integers(line, seen + len(values) - 1)
+        seen += len(values)
+        if start + step >= len(lines) and not seen:
+            raise _invalid(0, "the body holds no records")
+        yield values
+
+
+def _parse_document(body: bytes, max_records: int) -> list[Any]:
+    """The records of a JSON body: an object, or a non-empty array of at most `max_records`."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise IngestError(400, "invalid_json", str(exc)) from None
-    if wide:
+    if has_digit_run(body, _WIDE_DIGITS):
         _refuse_wide_integers(body, 0)
     if type(doc) is dict:
-        yield [doc]
-        return
+        return [doc]
     if type(doc) is list:
         if not doc:
             raise _invalid(0, "the array holds no records")
         if len(doc) > max_records:
             raise _too_many(max_records)
-        yield doc
-        return
+        return doc
     raise _invalid(0, f"the body must be a JSON object or an array of objects, not {_json_type(doc)}")
 
 
