@@ -81,9 +81,14 @@ Headers = list[tuple[bytes, bytes]]
 Answer = tuple[int, Headers, bytes]  # status, headers (without content-length), body
 
 
+# The bodies of the common counts, built once (formatting one took a few % of a single-record request).
+_ACCEPTED_BODIES = tuple(b'{"accepted":%d}' % n for n in range(101))
+
+
 def telemetry_accepted(fmt: str, accepted: int) -> Answer:
     """POST /telemetry's success: 202 {"accepted": n}."""
-    return 202, JSON_HEADERS, b'{"accepted":%d}' % accepted
+    body = _ACCEPTED_BODIES[accepted] if 0 <= accepted <= 100 else b'{"accepted":%d}' % accepted
+    return 202, JSON_HEADERS, body
 
 
 @dataclass(slots=True)

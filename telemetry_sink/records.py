@@ -152,7 +152,8 @@ def encode_records(values: list[Any], received_at: float, first_index: int = 0) 
             except orjson.JSONEncodeError as exc:
                 raise _invalid(index, f"the record cannot be stored: {exc}") from None
         raise
-    return plaintexts, sum(map(len, plaintexts))
+    # One record (the common request): its length, without a map and a sum around it.
+    return plaintexts, len(plaintexts[0]) if len(plaintexts) == 1 else sum(map(len, plaintexts))
 
 
 def _why_invalid(record: Any, index: int) -> IngestError:
