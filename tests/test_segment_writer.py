@@ -466,3 +466,59 @@ async def test_a_torn_or_empty_unflagged_tail_is_started_over_keyed(tmp_path: Pa
     await _write_keyed(writer, 2)
     writer.close()
     assert _keys_on_disk(tmp_path) == [(segment_format.FLAG_KEYED, [0, 1])]
+
+
+async def test_a_failed_write_retries_the_hand_off_queued_behind_it_in_order(
+        tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog makes two hand-offs in flight; the first write fails (half of it on disk): the thread
+    skips the second, and both are retried in order: every record once, in sequence, nothing lost."""
+    real_write_all = segment_writer.write_all
+    attempts: list[int] = []
+
+    def first_fails(fd: int, data: bytes) -> None:
+        attempts.append(len(data))
+        if len(attempts) == 1:
+            real_write_all(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(segment_writer, "write_all", first_fails)
+    writer = make_writer(tmp_path, crypto, batch_size=10)
+    writer.open()
+    records = [b"r%d" % i for i in range(120)]
+    buf = BufferManager(1000, 1 << 20)
+    buf.put(records, sum(map(len, records)))  # 12 full batches: a hand-off of 8, and one of 4 behind it
+    buf.close()
+    await writer.run(buf)
+    writer.close()
+    assert writer.stats.write_errors == 1 and buf.records == 0
+    assert len(attempts) >= 3  # the failed one, then the retried ones: the skipped one never reached the disk first
+    assert read_all(tmp_path, crypto) == list(enumerate(records))
+
+
+async def test_a_durable_writer_fails_only_the_failed_hand_off_and_stores_the_one_behind(
+        tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write_all = segment_writer.write_all
+    attempts: list[int] = []
+
+    def first_fails(fd: int, data: bytes) -> None:
+        attempts.append(len(data))
+        if len(attempts) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(segment_writer, "write_all", first_fails)
+    writer = make_writer(tmp_path, crypto, fsync="never", durable=True, batch_size=2)
+    writer.open()
+    buf = BufferManager(1000, 1 << 20, whole_requests=True)
+    acks = [buf.put([b"x%d" % i, b"y%d" % i], 4, want_ack=True) for i in range(10)]  # 10 batches: 8 + 2
+    task = asyncio.create_task(writer.run(buf))
+    outcomes = await asyncio.gather(*[asyncio.wait_for(ack, 10) for ack in acks if ack is not None],
+                                    return_exceptions=True)
+    buf.close()
+    await task
+    writer.close()
+    failed = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, OSError)]
+    assert failed == list(range(8))  # the first hand-off's requests: 503 for their clients
+    assert outcomes[8:] == [None, None]  # skipped, then stored
+    assert [record for _, record in read_all(tmp_path, crypto)] == [b"x8", b"y8", b"x9", b"y9"]
