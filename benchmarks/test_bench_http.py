@@ -28,9 +28,10 @@ import pytest
 
 QUICK_ROUNDS = 7
 QUICK_SECONDS = 2.0
-# single-record POST: product >= 0.8 x the raw ASGI ceiling's accepted records per CPU-second. The fast lane
-# measures 1.08-1.36 (2026-12-02), its ASGI lane 0.39: a hot path routed back through ASGI fails.
-QUICK_GATE = 0.8
+# single-record POST: product >= 0.7 x the raw ASGI ceiling's accepted records per CPU-second. The fast lane
+# measured medians of 0.96-1.28 over three runs (2026-12-02), its ASGI lane 0.39: a hot path routed back
+# through ASGI fails, with room below the fast lane's lowest run for this machine's noise.
+QUICK_GATE = 0.7
 QUICK_WALL_FLOOR = 0.25  # ... and >= 0.25 x its accepted records per second (medians over the rounds)
 MAX_RECORDS_DEFAULT = 100_000  # [buffer] max_records in config.ini
 
