@@ -93,9 +93,11 @@ DigitRun = Callable[[bytes, int], bool]
 # Connection only `keep-alive` or `close` (any case); no Transfer-Encoding, Content-Encoding, Expect,
 # Upgrade or Proxy-Connection; the head (request line to the empty line) within `max_head` bytes and
 # the whole body in `data`. Names come lower-cased, values as sent: what httptools and uvicorn make
-# of the same bytes (tests/test_fast_lane.py checks both against httptools).
+# of the same bytes (tests/test_speedups_properties.py checks both against httptools).
 PlainRequest = tuple[int, list[tuple[bytes, bytes]], bytes, bool]
 PlainPost = Callable[[bytes, bytes, int, int], PlainRequest | None]
+# The headers that make a request anything but plain (both implementations refuse it on them).
+NOT_PLAIN_HEADERS = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"proxy-connection"))
 # split_tokens(image, pos, count) -> (the `count` tokens from `pos`, copied out as bytes, the
 # position after them): how a checked batch's tokens are read.
 SplitTokens = Callable[[Buffer, int, int], tuple[list[bytes], int]]

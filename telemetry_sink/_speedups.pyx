@@ -1236,7 +1236,7 @@ for _c in range(0x21, 0x7F):
 _VCHAR[32] = 1
 _VCHAR[9] = 1
 # Headers that make a request anything but plain: the parser (httptools) decides those.
-_NOT_PLAIN = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"proxy-connection"))
+from ._protocols import NOT_PLAIN_HEADERS as _NOT_PLAIN
 
 
 cdef inline bint _is_ows(unsigned char c) noexcept:

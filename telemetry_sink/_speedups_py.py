@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
-from ._protocols import Buffer, PlainRequest
+from ._protocols import NOT_PLAIN_HEADERS, Buffer, PlainRequest
 
 IMPLEMENTATION = "pure-python"
 
@@ -175,7 +175,6 @@ def has_digit_run(data: bytes, run: int) -> bool:
 # whitespace, then a value of visible ASCII with inner spaces or tabs, then CRLF.
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
                           rb"((?:[\x21-\x7e](?:[\x21-\x7e \t]*[\x21-\x7e])?)?)\r\n")
-_NOT_PLAIN = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"proxy-connection"))
 
 
 def parse_plain_post(data: bytes, path: bytes, max_head: int, max_body: int) -> PlainRequest | None:
@@ -210,7 +209,7 @@ def parse_plain_post(data: bytes, path: bytes, max_head: int, max_body: int) -> 
                 keep_alive = False
             elif value.lower() != b"keep-alive":
                 return None
-        elif name in _NOT_PLAIN:
+        elif name in NOT_PLAIN_HEADERS:
             return None
         headers.append((name, value))
     if pos > max_head or length < 0 or pos + length > len(data):
