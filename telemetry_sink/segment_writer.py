@@ -44,7 +44,8 @@ _BACKOFF_MIN_S = 0.05
 MAX_BATCHES_PER_WRITE = 8
 # With a backlog, a second hand-off waits in the writer thread's queue behind the one it writes, so
 # the thread does not idle until the busy event loop comes round to hand it more (100-record arrays
-# at saturation: the thread idled ~40 % of the time with one; with two, +14 % accepted records/s, A/B).
+# at saturation: the thread idled ~40 % of the time with one; with two, accepted records/s B/A median
+# 1.11 over 7 rounds, docs/BENCHMARKS.md).
 HAND_OFFS_IN_FLIGHT = 2
 _BACKOFF_MAX_S = 2.0
 
@@ -363,7 +364,7 @@ class SegmentWriter:
                     # The hand-offs behind it are skipped by the thread: retried after it, in order.
                     skipped: list[list[bytes]] = []
                     for later_batches, later in list(in_flight)[1:]:
-                        with contextlib.suppress(Exception):
+                        with contextlib.suppress(_Skipped):  # anything else is a bug: the writer stops
                             await later
                         skipped += later_batches
                     in_flight.clear()
