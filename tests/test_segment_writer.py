@@ -202,20 +202,29 @@ async def test_interval_policy_fsyncs_an_idle_tail(tmp_path: Path, crypto: Crypt
     writer.close()
 
 
-async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypto: CryptoService,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Injected ENOSPC after a partial write: the partial batch is cut, the batch retried."""
+def fail_batch_writes(monkeypatch: pytest.MonkeyPatch, count: int, *, partial: bool) -> list[int]:
+    """Make the first `count` batch writes (more than a file header's 16 bytes) fail with ENOSPC, with
+    half of the data on disk first when `partial`; return the sizes of every batch write attempted."""
     real_write_all = segment_writer.write_all
-    failures = {"left": 3}
+    attempts: list[int] = []
 
     def flaky_write_all(fd: int, data: bytes) -> None:
-        if failures["left"] and len(data) > 16:
-            failures["left"] -= 1
-            real_write_all(fd, data[: len(data) // 2])  # half the batch reaches the file
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if len(data) > 16:
+            attempts.append(len(data))
+            if len(attempts) <= count:
+                if partial:
+                    real_write_all(fd, data[: len(data) // 2])  # half the batch reaches the file
+                raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
     monkeypatch.setattr(segment_writer, "write_all", flaky_write_all)
+    return attempts
+
+
+async def test_write_failures_are_retried_and_lose_nothing(tmp_path: Path, crypto: CryptoService,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected ENOSPC after a partial write: the partial batch is cut, the batch retried."""
+    fail_batch_writes(monkeypatch, 3, partial=True)
     writer = make_writer(tmp_path, crypto, batch_size=4)
     writer.open()
     records = [b"rec%d" % i for i in range(12)]
@@ -472,17 +481,7 @@ async def test_a_failed_write_retries_the_hand_off_queued_behind_it_in_order(
         tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch) -> None:
     """A backlog makes two hand-offs in flight; the first write fails (half of it on disk): the thread
     skips the second, and both are retried in order: every record once, in sequence, nothing lost."""
-    real_write_all = segment_writer.write_all
-    attempts: list[int] = []
-
-    def first_fails(fd: int, data: bytes) -> None:
-        attempts.append(len(data))
-        if len(attempts) == 1:
-            real_write_all(fd, data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write_all(fd, data)
-
-    monkeypatch.setattr(segment_writer, "write_all", first_fails)
+    attempts = fail_batch_writes(monkeypatch, 1, partial=True)
     writer = make_writer(tmp_path, crypto, batch_size=10)
     writer.open()
     records = [b"r%d" % i for i in range(120)]
@@ -498,16 +497,7 @@ async def test_a_failed_write_retries_the_hand_off_queued_behind_it_in_order(
 
 async def test_a_durable_writer_fails_only_the_failed_hand_off_and_stores_the_one_behind(
         tmp_path: Path, crypto: CryptoService, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write_all = segment_writer.write_all
-    attempts: list[int] = []
-
-    def first_fails(fd: int, data: bytes) -> None:
-        attempts.append(len(data))
-        if len(attempts) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write_all(fd, data)
-
-    monkeypatch.setattr(segment_writer, "write_all", first_fails)
+    fail_batch_writes(monkeypatch, 1, partial=False)
     writer = make_writer(tmp_path, crypto, fsync="never", durable=True, batch_size=2)
     writer.open()
     buf = BufferManager(1000, 1 << 20, whole_requests=True)
