@@ -79,6 +79,13 @@ class BatchFramer:
         encrypt = self._fernet.encrypt_at_time
         return frame_batch(first_seq, created_ms, [encrypt(r, at) for r in records])
 
+    def frame_many(self, first_seq: int, created_ms: int, batches: Sequence[Sequence[bytes]]) -> bytes:
+        frames = []
+        for records in batches:
+            frames.append(self.frame(first_seq, created_ms, records))
+            first_seq += len(records)
+        return b"".join(frames)
+
 
 class BatchDecryptor:
     """The batch decryptor, on `cryptography`'s Fernet (see _protocols.BatchDecryptorProtocol)."""

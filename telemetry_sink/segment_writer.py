@@ -242,15 +242,22 @@ class SegmentWriter:
         seq = self.next_seq
         if seq + sum(map(len, batches)) - 1 > MAX_SEQ:
             raise SequenceExhausted(f"series {self.series} has used every sequence number up to {MAX_SEQ}")
-        frames: list[bytes | memoryview] = []
-        for i, records in enumerate(batches):
-            frame = self._framer.frame(seq, created_ms, records)
-            if keys and keys[i]:
-                frames.extend(segment_keys.keyed_parts(frame, keys[i]))
-            else:
-                frames.append(frame)
-            seq += len(records)
-        data = bytes(frames[0]) if len(frames) == 1 else b"".join(frames)  # bytes(bytes) is no copy
+        if keys and any(keys):
+            frames: list[bytes | memoryview] = []
+            for i, records in enumerate(batches):
+                frame = self._framer.frame(seq, created_ms, records)
+                if keys[i]:
+                    frames.extend(segment_keys.keyed_parts(frame, keys[i]))
+                else:
+                    frames.append(frame)
+                seq += len(records)
+            data = b"".join(frames)
+        else:
+            # One GIL release for every batch of the hand-off: under load the event loop holds the
+            # GIL, and each re-take cost this thread up to a switch interval (py-spy, 100-record
+            # arrays: ~35 % of the thread's time when each batch was framed by its own call).
+            data = self._framer.frame_many(seq, created_ms, batches)
+            seq += sum(map(len, batches))
         if self._fd is not None and self._too_old(now):
             self._seal()
         if self._fd is None:

@@ -397,11 +397,11 @@ async def test_an_unexpected_error_is_retried_like_a_disk_error_and_loses_nothin
         def __init__(self, real: Any) -> None:
             self.real = real
 
-        def frame(self, seq: int, created_ms: int, records: list[bytes]) -> bytes:
+        def frame_many(self, seq: int, created_ms: int, batches: list[list[bytes]]) -> bytes:
             if failures["left"]:
                 failures["left"] -= 1
                 raise ValueError("a bug in framing")
-            return bytes(self.real.frame(seq, created_ms, records))
+            return bytes(self.real.frame_many(seq, created_ms, batches))
 
     monkeypatch.setattr(writer, "_framer", FlakyFramer(writer._framer))
     records = [b"rec%d" % i for i in range(8)]

@@ -306,6 +306,19 @@ def test_non_bytes_records_raise_type_error(speedups_impl: ModuleType, bad: obje
     assert [FERNET.decrypt(t) for t in _parse(framer.frame(0, 0, [b"ok"])).tokens] == [b"ok"]
 
 
+def test_frame_many_refuses_before_framing_anything(speedups_impl: ModuleType) -> None:
+    framer = speedups_impl.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY)
+    with pytest.raises(TypeError):
+        framer.frame_many(0, 0, [[b"fine"], [b"fine", "text"]])
+    # The second batch would start past the last sequence number (twin: struct.error from packing).
+    with pytest.raises((OverflowError, struct.error)):
+        framer.frame_many(2**64 - 2, 0, [[b"a", b"b"], [b"c"]])
+    # Up to the last one is fine, and the framer is still usable after both refusals.
+    last = list(iter_batches(FILE_HEADER_BYTES + framer.frame_many(2**64 - 3, 0, [[b"a", b"b"], [b"c"]])))[-1]
+    assert isinstance(last, Batch) and last.first_seq == 2**64 - 1
+    assert [FERNET.decrypt(t) for t in last.tokens] == [b"c"]
+
+
 def test_non_sequence_records_raise_type_error(speedups_impl: ModuleType) -> None:
     framer = speedups_impl.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY)
     with pytest.raises(TypeError):

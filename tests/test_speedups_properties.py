@@ -88,6 +88,23 @@ def test_twins_parse_identically(records: list[bytes], first_seq: int, created_m
     assert [FERNET.decrypt(t) for t in a.tokens] == records
 
 
+@settings(SETTINGS, max_examples=60)
+@given(batches=st.lists(st.lists(st.one_of(st.binary(max_size=300), json_records), max_size=30), max_size=6),
+       first_seq=st.integers(0, 2**63), created_ms=st.integers(0, 2**64 - 1))
+def test_frame_many_is_the_frames_back_to_back(speedups_impl: ModuleType, batches: list[list[bytes]], first_seq: int,
+                                                created_ms: int) -> None:
+    data = speedups_impl.BatchFramer(SIGNING_KEY, ENCRYPTION_KEY).frame_many(first_seq, created_ms, batches)
+    found = list(iter_batches(FILE_HEADER_BYTES + data))
+    assert all(isinstance(b, Batch) for b in found) and len(found) == len(batches)
+    seq = first_seq
+    for records, parsed in zip(batches, found, strict=True):
+        assert isinstance(parsed, Batch)
+        assert (parsed.first_seq, parsed.count, parsed.created_ms) == (seq, len(records), created_ms)
+        assert [FERNET.decrypt(t) for t in parsed.tokens] == records
+        seq += len(records)
+    assert found[-1].end == len(FILE_HEADER_BYTES) + len(data) if found else data == b""
+
+
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 ops = st.lists(
     st.tuples(st.sampled_from(["refill", "try_acquire", "time_until_available", "reserve"]), finite, finite, finite),
