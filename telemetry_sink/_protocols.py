@@ -78,6 +78,15 @@ class BatchDecryptorProtocol(Protocol):
 RecordSpan = Callable[[list[Any]], tuple[float, float, set[str]]]
 
 
+# encode_json(body, ndjson, received_at, max_records, max_node_id) -> (plaintexts, their total size,
+# (lowest ts, highest ts, node ids)) of a JSON or NDJSON body whose records are in the subset that
+# orjson.dumps writes back byte for byte (plain ASCII strings, canonical numbers, no duplicate keys:
+# docs/speedups.md), exactly what parse_body + check_records + dump_records + record_span give; None
+# for any other body (the caller takes that path). The twin always answers None.
+EncodedBody = tuple[list[bytes], int, tuple[float, float, set[str]]]
+EncodeJson = Callable[[bytes, bool, float, int, int], EncodedBody | None]
+
+
 # A buffer the token functions read: a segment image (bytes or a read-only map) or a view of one.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 # scan_tokens(body, pos, end, count) -> the position after `count` tokens (a big-endian u32 length,

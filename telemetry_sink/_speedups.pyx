@@ -11,6 +11,7 @@ from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.math cimport INFINITY, isinf, rint
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -1288,6 +1289,388 @@ from ._protocols import NOT_PLAIN_HEADERS as _NOT_PLAIN
 
 cdef inline bint _is_ows(unsigned char c) noexcept:
     return c == 32 or c == 9
+
+
+# -- canonical records straight from the body (records.encode_body) --
+#
+# orjson.loads + check_records + dump_records + record_span, for the bodies where the result can be
+# read off the body's bytes: every value in the subset below is already written exactly as
+# orjson.dumps writes it, so a record's plaintext is its own bytes (less any whitespace between
+# tokens, plus `"ts":<receive time>` where it has none). Anything outside the subset, and anything
+# invalid, is declined (None): the caller then takes the orjson path, which is the reference.
+
+cdef unsigned char _PLAIN_STR[256]  # bytes a string may hold as they are: visible ASCII and space, no " or \
+for _c in range(0x20, 0x7f):
+    _PLAIN_STR[_c] = 1
+_PLAIN_STR[34] = 0
+_PLAIN_STR[92] = 0
+
+cdef double _POW10[19]
+for _c in range(19):
+    _POW10[_c] = 10.0 ** _c
+
+cdef enum:
+    _CANON_MAX_DEPTH = 16       # deeper records are rare: declined
+    _CANON_MAX_KEYS = 64        # keys of one object, for the duplicate check
+
+ctypedef struct _Canon:
+    const unsigned char *s
+    Py_ssize_t i
+    Py_ssize_t n
+    bint ndjson                 # a newline ends a record, so it is not whitespace
+    bint spaced                 # whitespace skipped inside the current record
+    Py_ssize_t max_node_id
+    Py_ssize_t node_at          # the current record's node_id (its characters), or -1
+    Py_ssize_t node_len
+    bint has_ts
+    double ts
+
+
+cdef inline void _canon_ws(_Canon *c) noexcept nogil:
+    cdef unsigned char ch
+    while c.i < c.n:
+        ch = c.s[c.i]
+        if ch == 32 or ch == 9 or ch == 13 or (ch == 10 and not c.ndjson):
+            c.i += 1
+            c.spaced = True
+        else:
+            return
+
+
+cdef inline Py_ssize_t _canon_string(_Canon *c) noexcept nogil:
+    """At a '"': skip a string of plain bytes; return where its characters start, or -1."""
+    cdef Py_ssize_t start = c.i + 1
+    cdef Py_ssize_t j = start
+    while j < c.n and _PLAIN_STR[c.s[j]]:
+        j += 1
+    if j >= c.n or c.s[j] != 34:
+        return -1
+    c.i = j + 1
+    return start
+
+
+cdef inline bint _digit(unsigned char ch) noexcept nogil:
+    return <unsigned char>(ch - 48) < 10
+
+
+cdef bint _canon_number(_Canon *c, double *value) noexcept nogil:
+    """A number as orjson writes it: an integer of at most 18 digits (not -0), or a decimal fraction
+    with no exponent, at most 15 significant digits, no trailing zero after the first fractional
+    digit, at least 1e-4 and below 1e15 in magnitude (orjson writes those in positional notation,
+    and a decimal of at most 15 digits is the shortest that reads back as its double). `value`: its
+    double, correctly rounded (Clinger's fast path: mantissa < 2**53, exact power of ten)."""
+    cdef const unsigned char *s = c.s
+    cdef Py_ssize_t i = c.i
+    cdef Py_ssize_t n = c.n
+    cdef Py_ssize_t int_start
+    cdef Py_ssize_t int_digits
+    cdef Py_ssize_t frac_start
+    cdef Py_ssize_t frac_len
+    cdef Py_ssize_t lead = 0
+    cdef Py_ssize_t sig
+    cdef bint neg = s[i] == 45
+    cdef uint64_t m = 0
+    if neg:
+        i += 1
+    int_start = i
+    if i >= n or not _digit(s[i]):
+        return False
+    if s[i] == 48:
+        i += 1
+    else:
+        while i < n and _digit(s[i]):
+            m = m * 10 + (s[i] - 48)
+            i += 1
+            if i - int_start > 18:
+                return False
+    int_digits = i - int_start
+    if i < n and (s[i] == 101 or s[i] == 69 or _digit(s[i])):  # an exponent, or a leading zero
+        return False
+    if i >= n or s[i] != 46:
+        if neg and m == 0:
+            return False  # -0: orjson reads the integer 0 and writes "0"
+        value[0] = -<double><int64_t>m if neg else <double><int64_t>m
+        c.i = i
+        return True
+    i += 1
+    frac_start = i
+    while i < n and _digit(s[i]):
+        i += 1
+    frac_len = i - frac_start
+    if frac_len == 0 or (i < n and (s[i] == 101 or s[i] == 69)):
+        return False
+    if frac_len == 1 and s[frac_start] == 48:  # "X.0"
+        if int_digits > 15:
+            return False
+        value[0] = -<double><int64_t>m if neg else <double><int64_t>m
+        c.i = i
+        return True
+    if s[i - 1] == 48:  # a trailing zero: orjson would not write it
+        return False
+    if m == 0:
+        while s[frac_start + lead] == 48:
+            lead += 1
+        if lead > 3:  # below 1e-4
+            return False
+        sig = frac_len - lead
+    else:
+        if int_digits > 15:
+            return False
+        sig = int_digits + frac_len
+    if sig > 15:
+        return False
+    for int_start in range(frac_start, i):
+        m = m * 10 + (s[int_start] - 48)
+    value[0] = <double>m / _POW10[frac_len]  # frac_len <= 18: exact powers
+    if neg:
+        value[0] = -value[0]
+    c.i = i
+    return True
+
+
+cdef bint _canon_literal(_Canon *c, const char *word, Py_ssize_t length) noexcept nogil:
+    if c.i + length > c.n or memcmp(c.s + c.i, word, length) != 0:
+        return False
+    c.i += length
+    return True
+
+
+cdef bint _canon_value(_Canon *c, int depth) noexcept nogil:
+    cdef unsigned char ch
+    cdef double ignored
+    if c.i >= c.n or depth > _CANON_MAX_DEPTH:
+        return False
+    ch = c.s[c.i]
+    if ch == 34:
+        return _canon_string(c) >= 0
+    if ch == 123:
+        return _canon_object(c, depth, False)
+    if ch == 91:
+        return _canon_array(c, depth)
+    if ch == 116:
+        return _canon_literal(c, "true", 4)
+    if ch == 102:
+        return _canon_literal(c, "false", 5)
+    if ch == 110:
+        return _canon_literal(c, "null", 4)
+    if ch == 45 or _digit(ch):
+        return _canon_number(c, &ignored)
+    return False
+
+
+cdef bint _canon_array(_Canon *c, int depth) noexcept nogil:
+    c.i += 1
+    _canon_ws(c)
+    if c.i < c.n and c.s[c.i] == 93:
+        c.i += 1
+        return True
+    while True:
+        if not _canon_value(c, depth + 1):
+            return False
+        _canon_ws(c)
+        if c.i >= c.n:
+            return False
+        if c.s[c.i] == 93:
+            c.i += 1
+            return True
+        if c.s[c.i] != 44:
+            return False
+        c.i += 1
+        _canon_ws(c)
+
+
+cdef bint _canon_object(_Canon *c, int depth, bint record) noexcept nogil:
+    """An object without duplicate keys (orjson keeps only the last of them); for a `record`, also
+    note its node_id (a string of 1..max_node_id characters) and ts (a number)."""
+    cdef Py_ssize_t key_at[_CANON_MAX_KEYS]
+    cdef Py_ssize_t key_len[_CANON_MAX_KEYS]
+    cdef Py_ssize_t keys = 0
+    cdef Py_ssize_t k
+    cdef Py_ssize_t at
+    cdef Py_ssize_t length
+    cdef unsigned char ch
+    c.i += 1
+    _canon_ws(c)
+    if c.i < c.n and c.s[c.i] == 125:
+        c.i += 1
+        return True
+    while True:
+        if c.i >= c.n or c.s[c.i] != 34 or keys == _CANON_MAX_KEYS:
+            return False
+        at = _canon_string(c)
+        if at < 0:
+            return False
+        length = c.i - 1 - at
+        for k in range(keys):
+            if key_len[k] == length and memcmp(c.s + key_at[k], c.s + at, length) == 0:
+                return False
+        key_at[keys] = at
+        key_len[keys] = length
+        keys += 1
+        _canon_ws(c)
+        if c.i >= c.n or c.s[c.i] != 58:
+            return False
+        c.i += 1
+        _canon_ws(c)
+        if c.i >= c.n:
+            return False
+        ch = c.s[c.i]
+        if record and length == 7 and memcmp(c.s + at, "node_id", 7) == 0:
+            if ch != 34:
+                return False
+            at = _canon_string(c)
+            if at < 0 or c.i - 1 - at < 1 or c.i - 1 - at > c.max_node_id:
+                return False
+            c.node_at, c.node_len = at, c.i - 1 - at
+        elif record and length == 2 and c.s[at] == 116 and c.s[at + 1] == 115:  # "ts"
+            if not (ch == 45 or _digit(ch)) or not _canon_number(c, &c.ts):
+                return False
+            c.has_ts = True
+        elif not _canon_value(c, depth + 1):
+            return False
+        _canon_ws(c)
+        if c.i >= c.n:
+            return False
+        if c.s[c.i] == 125:
+            c.i += 1
+            return True
+        if c.s[c.i] != 44:
+            return False
+        c.i += 1
+        _canon_ws(c)
+
+
+cdef bytes _canon_plaintext(const unsigned char *s, Py_ssize_t start, Py_ssize_t end, bint spaced,
+                            bytes stamp):
+    """The record s[start:end] as orjson.dumps writes it: without whitespace between tokens (its
+    strings hold none of '"' or '\\', so quotes alone tell what is inside one), and with
+    ,"ts":<stamp> before its closing brace when `stamp` is given."""
+    cdef Py_ssize_t size = end - start
+    cdef Py_ssize_t j
+    cdef Py_ssize_t o = 0
+    cdef bint inside = False
+    cdef unsigned char ch
+    cdef bytes out
+    cdef unsigned char *p
+    if not spaced and stamp is None:
+        return PyBytes_FromStringAndSize(<const char *>s + start, size)
+    if spaced:
+        size = 0
+        for j in range(start, end):
+            ch = s[j]
+            if ch == 34:
+                inside = not inside
+            if inside or not (ch == 32 or ch == 9 or ch == 10 or ch == 13):
+                size += 1
+    if stamp is not None:
+        size += 6 + PyBytes_GET_SIZE(stamp)  # less "}", plus ,"ts": (6), the stamp and "}"
+    out = PyBytes_FromStringAndSize(NULL, size)
+    p = <unsigned char *>PyBytes_AS_STRING(out)
+    if spaced:
+        inside = False
+        for j in range(start, end):
+            ch = s[j]
+            if ch == 34:
+                inside = not inside
+            if inside or not (ch == 32 or ch == 9 or ch == 10 or ch == 13):
+                p[o] = ch
+                o += 1
+    else:
+        memcpy(p, s + start, end - start)
+        o = end - start
+    if stamp is not None:
+        o -= 1  # the closing brace
+        memcpy(p + o, b',"ts":', 6)
+        o += 6
+        memcpy(p + o, PyBytes_AS_STRING(stamp), PyBytes_GET_SIZE(stamp))
+        o += PyBytes_GET_SIZE(stamp)
+        p[o] = 125
+    return out
+
+
+def encode_json(bytes body not None, bint ndjson, double received_at, Py_ssize_t max_records,
+                Py_ssize_t max_node_id):
+    """(plaintexts, their total size, (lowest ts, highest ts, node ids)) of a JSON (object or array
+    of objects) or NDJSON body: what parse_body, check_records (ts = `received_at` where absent),
+    dump_records and record_span give, read straight off the body. None when the body is not in the
+    subset this reads (docs/speedups.md), or holds no records, or more than `max_records`, or any
+    record those would refuse: the caller then takes that path, which also words any error."""
+    cdef _Canon c
+    cdef Py_ssize_t start
+    cdef Py_ssize_t count = 0
+    cdef Py_ssize_t total = 0
+    cdef Py_ssize_t last_node_at = -1
+    cdef Py_ssize_t last_node_len = 0
+    cdef double lo = INFINITY
+    cdef double hi = -INFINITY
+    cdef double t
+    cdef bint array = False
+    cdef bytes stamp = None
+    cdef bytes text
+    cdef list plaintexts = []
+    cdef set nodes = set()
+    c.s = <const unsigned char *>PyBytes_AS_STRING(body)
+    c.n = PyBytes_GET_SIZE(body)
+    c.i = 0
+    c.ndjson = ndjson
+    c.max_node_id = max_node_id
+    _canon_ws(&c)
+    if not ndjson and c.i < c.n and c.s[c.i] == 91:
+        array = True
+        c.i += 1
+        _canon_ws(&c)
+    while True:
+        if ndjson:
+            while c.i < c.n and c.s[c.i] == 10:  # blank lines
+                c.i += 1
+                _canon_ws(&c)
+            if c.i >= c.n:
+                break
+        if c.i >= c.n or c.s[c.i] != 123:
+            return None
+        count += 1
+        if count > max_records:
+            return None
+        start = c.i
+        c.spaced = c.has_ts = False
+        c.node_at = -1
+        if not _canon_object(&c, 1, True) or c.node_at < 0:
+            return None
+        if c.has_ts:
+            t = c.ts
+        else:
+            t = received_at
+            if stamp is None:
+                stamp = _dumps(received_at)
+        text = _canon_plaintext(c.s, start, c.i, c.spaced, None if c.has_ts else stamp)
+        plaintexts.append(text)
+        total += PyBytes_GET_SIZE(text)
+        if t < lo:
+            lo = t
+        if t > hi:
+            hi = t
+        if c.node_len != last_node_len or memcmp(c.s + c.node_at, c.s + last_node_at, c.node_len) != 0:
+            nodes.add(PyUnicode_DecodeASCII(<const char *>c.s + c.node_at, c.node_len, NULL))
+            last_node_at, last_node_len = c.node_at, c.node_len
+        _canon_ws(&c)
+        if ndjson:
+            if c.i < c.n and c.s[c.i] != 10:
+                return None
+            continue
+        if not array:
+            break
+        if c.i < c.n and c.s[c.i] == 44:
+            c.i += 1
+            _canon_ws(&c)
+            continue
+        if c.i < c.n and c.s[c.i] == 93:
+            c.i += 1
+            _canon_ws(&c)
+            break
+        return None
+    if c.i != c.n or count == 0:
+        return None
+    return plaintexts, total, (lo, hi, nodes)
 
 
 def parse_plain_post(bytes data not None, bytes path not None, Py_ssize_t max_head, Py_ssize_t max_body):

@@ -157,6 +157,13 @@ def dump_records(values: list[Any]) -> list[bytes]:
     return [bytes(memoryview(dumps(r))) for r in values]
 
 
+def encode_json(body: bytes, ndjson: bool, received_at: float, max_records: int,
+                max_node_id: int) -> None:
+    """No one-pass reader without the extension: None sends every body to orjson and the record
+    checks (records.parse_body, encode_records), which give the same (see _protocols.EncodeJson)."""
+    return None
+
+
 _MISSING = object()
 
 

@@ -14,7 +14,7 @@ import orjson
 from .auth import Principal
 from .errors import IngestError
 from .errors import invalid_record as _invalid
-from .speedups import check_records, dump_records, has_digit_run
+from .speedups import check_records, dump_records, encode_json, has_digit_run
 
 MAX_NODE_ID_CHARS = 128
 DEFAULT_MAX_RECORDS = 10_000  # [ingest] max_records_per_request
@@ -154,6 +154,20 @@ def encode_records(values: list[Any], received_at: float, first_index: int = 0) 
         raise
     # One record (the common request): its length, without a map and a sum around it.
     return plaintexts, len(plaintexts[0]) if len(plaintexts) == 1 else sum(map(len, plaintexts))
+
+
+# (plaintexts, their total size, (lowest ts, highest ts, node ids)) of one request's records.
+Encoded = tuple[list[bytes], int, tuple[float, float, set[str]]]
+
+
+def encode_body(body: bytes, fmt: str, received_at: float, max_records: int = DEFAULT_MAX_RECORDS) -> Encoded | None:
+    """parse_body + encode_records + record_span in one compiled pass, for the JSON / NDJSON bodies
+    whose records orjson would write back exactly as they were sent (speedups.encode_json; the usual
+    sensor record). None for any other body: the caller takes that path, which words any error."""
+    # The NDJSON line count refuses before any parsing, blank lines included (as parse_slices does).
+    if fmt == "ndjson" and body.count(b"\n") + (not body.endswith(b"\n")) > max_records:
+        return None
+    return encode_json(body, fmt == "ndjson", received_at, max_records, MAX_NODE_ID_CHARS)
 
 
 def _why_invalid(record: Any, index: int) -> IngestError:

@@ -22,7 +22,15 @@ from .metrics import Snapshot, WriterMetrics, snapshot_of
 from .otlp import FORMATS as OTLP_FORMATS
 from .otlp import log_records
 from .rate_limiter import RateLimited, RateLimiter
-from .records import DEFAULT_MAX_RECORDS, check_permissions, encode_records, fill_node_id, parse_body, parse_slices
+from .records import (
+    DEFAULT_MAX_RECORDS,
+    check_permissions,
+    encode_body,
+    encode_records,
+    fill_node_id,
+    parse_body,
+    parse_slices,
+)
 from .segment_format import KeyEntry
 from .segment_writer import SegmentWriter
 from .service_status import ServiceStatus
@@ -203,6 +211,11 @@ class TelemetryService(ServiceStatus):
                claim: Claim | None = None, default_node: str | None = None) -> tuple[int, asyncio.Future[None] | None]:
         """Parse, validate and buffer the records (with their key, for the log): return their count
         and the durable ack (or None)."""
+        if default_node is None and fmt not in OTLP_FORMATS:
+            encoded = encode_body(body, fmt, received_at, self.max_records_per_request)
+            # A token that may not write one of the node ids: the full path names the record (403).
+            if encoded is not None and (principal is None or all(map(principal.may_write, encoded[2][2]))):
+                return self._put(*encoded, claim)
         values = self._values(body, fmt)
         if default_node is not None:
             fill_node_id(values, default_node)
@@ -238,9 +251,13 @@ class TelemetryService(ServiceStatus):
                 claim: Claim | None) -> tuple[int, asyncio.Future[None] | None]:
         if principal is not None:
             check_permissions(values, principal)
+        return self._put(plaintexts, nbytes, record_span(values), claim)
+
+    def _put(self, plaintexts: list[bytes], nbytes: int, span: tuple[float, float, set[str]],
+             claim: Claim | None) -> tuple[int, asyncio.Future[None] | None]:
         try:
             entry = KeyEntry(claim[0], claim[1], len(plaintexts)) if claim is not None else None
-            ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable, key=entry, span=record_span(values))
+            ack = self.buffer.put(plaintexts, nbytes, want_ack=self.durable, key=entry, span=span)
         except BufferFull:
             raise buffer_full() from None
         except BufferClosed:

@@ -14,6 +14,7 @@ from ._protocols import (
     BatchDecryptorProtocol,
     BatchFramerProtocol,
     DigitRun,
+    EncodeJson,
     JsonColumns,
     PlainPost,
     RecordSpan,
@@ -35,6 +36,7 @@ try:
         TokenBucket,
         check_records,
         dump_records,
+        encode_json,
         has_digit_run,
         json_columns,
         parse_plain_post,
@@ -51,6 +53,7 @@ except ImportError as exc:  # not compiled: the twin behaves the same, only slow
         TokenBucket,
         check_records,
         dump_records,
+        encode_json,
         has_digit_run,
         json_columns,
         parse_plain_post,
@@ -70,6 +73,7 @@ _framer: type[BatchFramerProtocol] = BatchFramer
 _bucket: type[TokenBucketProtocol] = TokenBucket
 _decryptor: type[BatchDecryptorProtocol] = BatchDecryptor
 _span: RecordSpan = record_span
+_encode: EncodeJson = encode_json
 _scan: ScanTokens = scan_tokens
 _digits: DigitRun = has_digit_run
 _plain: PlainPost = parse_plain_post
@@ -77,5 +81,5 @@ _split: SplitTokens = split_tokens
 _columns: JsonColumns = json_columns
 
 __all__ = ["FALLBACK_REASON", "HOW_TO_COMPILE", "IMPLEMENTATION", "NO_EXTENSIONS", "BatchDecryptor", "BatchFramer",
-           "TokenBucket", "check_records", "dump_records", "has_digit_run", "json_columns", "parse_plain_post",
-           "record_span", "scan_tokens", "split_tokens"]
+           "TokenBucket", "check_records", "dump_records", "encode_json", "has_digit_run", "json_columns",
+           "parse_plain_post", "record_span", "scan_tokens", "split_tokens"]
