@@ -1458,25 +1458,42 @@ cdef bint _canon_value(_Canon *c, int depth) noexcept nogil:
     return False
 
 
-cdef bint _canon_array(_Canon *c, int depth) noexcept nogil:
+cdef inline bint _canon_opens_empty(_Canon *c, unsigned char close) noexcept nogil:
+    """Past the opening bracket: whether `close` follows at once (then past it too)."""
     c.i += 1
     _canon_ws(c)
-    if c.i < c.n and c.s[c.i] == 93:
+    if c.i < c.n and c.s[c.i] == close:
         c.i += 1
+        return True
+    return False
+
+
+cdef inline int _canon_after_member(_Canon *c, unsigned char close) noexcept nogil:
+    """After a member of an array or object: 1 past `close` (the end), 0 past a comma (another
+    member follows), -1 anything else."""
+    _canon_ws(c)
+    if c.i >= c.n:
+        return -1
+    if c.s[c.i] == close:
+        c.i += 1
+        return 1
+    if c.s[c.i] != 44:
+        return -1
+    c.i += 1
+    _canon_ws(c)
+    return 0
+
+
+cdef bint _canon_array(_Canon *c, int depth) noexcept nogil:
+    cdef int after
+    if _canon_opens_empty(c, 93):
         return True
     while True:
         if not _canon_value(c, depth + 1):
             return False
-        _canon_ws(c)
-        if c.i >= c.n:
-            return False
-        if c.s[c.i] == 93:
-            c.i += 1
-            return True
-        if c.s[c.i] != 44:
-            return False
-        c.i += 1
-        _canon_ws(c)
+        after = _canon_after_member(c, 93)
+        if after != 0:
+            return after == 1
 
 
 cdef bint _canon_object(_Canon *c, int depth, bint record) noexcept nogil:
@@ -1489,10 +1506,8 @@ cdef bint _canon_object(_Canon *c, int depth, bint record) noexcept nogil:
     cdef Py_ssize_t at
     cdef Py_ssize_t length
     cdef unsigned char ch
-    c.i += 1
-    _canon_ws(c)
-    if c.i < c.n and c.s[c.i] == 125:
-        c.i += 1
+    cdef int after
+    if _canon_opens_empty(c, 125):
         return True
     while True:
         if c.i >= c.n or c.s[c.i] != 34 or keys == _CANON_MAX_KEYS:
@@ -1528,16 +1543,9 @@ cdef bint _canon_object(_Canon *c, int depth, bint record) noexcept nogil:
             c.has_ts = True
         elif not _canon_value(c, depth + 1):
             return False
-        _canon_ws(c)
-        if c.i >= c.n:
-            return False
-        if c.s[c.i] == 125:
-            c.i += 1
-            return True
-        if c.s[c.i] != 44:
-            return False
-        c.i += 1
-        _canon_ws(c)
+        after = _canon_after_member(c, 125)
+        if after != 0:
+            return after == 1
 
 
 cdef bytes _canon_plaintext(const unsigned char *s, Py_ssize_t start, Py_ssize_t end, bint spaced,
