@@ -14,19 +14,20 @@ from telemetry_sink.crypto import CryptoService, generate_key
 from telemetry_sink.errors import IngestError
 from telemetry_sink.ingest_http import retry_after_header
 from telemetry_sink.rate_limiter import RateLimiter
-from telemetry_sink.records import encode_records, parse_body
+from telemetry_sink.records import encode_body, encode_records, parse_body
 from telemetry_sink.segment_writer import SegmentWriter
-from telemetry_sink.service import TelemetryService
+from telemetry_sink.service import SLICE_BODY_BYTES, WHOLE_PASS_BODY_BYTES, TelemetryService
 
 NOW = 1_800_000_000.5
 
 
-def make_service(tmp_path: Path, *, limiter: RateLimiter | None = None, max_records: int = 1000) -> TelemetryService:
+def make_service(tmp_path: Path, *, limiter: RateLimiter | None = None, max_records: int = 1000,
+                 max_bytes: int = 1 << 20) -> TelemetryService:
     crypto = CryptoService([generate_key().decode()], "test")
     writer = SegmentWriter(tmp_path, crypto, batch_size=10, flush_interval_ms=10, fsync="never", fsync_interval_ms=1000,
                        max_segment_bytes=1 << 20)
     writer.open()
-    return TelemetryService(limiter or RateLimiter(0, 1), BufferManager(max_records, 1 << 20), writer,
+    return TelemetryService(limiter or RateLimiter(0, 1), BufferManager(max_records, max_bytes), writer,
                             wall_clock=lambda: NOW)
 
 
@@ -126,6 +127,55 @@ async def test_a_full_buffer_refuses_before_parsing(tmp_path: Path) -> None:
     with pytest.raises(IngestError) as info:  # not 400: the body is never parsed
         await service.ingest(b"{not json", "json")
     assert (info.value.status, info.value.error) == (503, "buffer_full")
+
+
+def large_body(records: int, *, canonical: bool) -> bytes:
+    """A JSON array over SLICE_BODY_BYTES; not canonical: an escape in every record, so that the
+    compiled one-pass reader declines it and it is parsed in slices."""
+    note = "plain" if canonical else 'say "hi"'
+    body = orjson.dumps([{"node_id": f"n{i}", "v": i, "note": note, "pad": "x" * 80} for i in range(records)])
+    assert len(body) > SLICE_BODY_BYTES
+    return body
+
+
+async def test_a_canonical_large_body_is_taken_whole_with_the_same_plaintexts(tmp_path: Path) -> None:
+    body = large_body(1000, canonical=True)
+    assert len(body) <= WHOLE_PASS_BODY_BYTES and encode_body(body, "json", NOW) is not None
+    service = make_service(tmp_path, max_records=5000)
+    assert await service.ingest(body, "json") == 1000
+    assert list(service.buffer._queue) == encode_records(parse_body(body, "json"), NOW)[0]
+
+
+async def test_a_sliced_body_that_waited_its_turn_is_refused_unparsed_when_the_buffer_filled(tmp_path: Path) -> None:
+    first = large_body(1000, canonical=False)
+    service = make_service(tmp_path, max_records=1000)
+    garbage = b"{not json" + b" " * SLICE_BODY_BYTES  # a 400 if it were parsed
+    results = await asyncio.gather(service.ingest(first, "json"), service.ingest(garbage, "json"),
+                                   return_exceptions=True)
+    assert results[0] == 1000
+    assert isinstance(results[1], IngestError) and (results[1].status, results[1].error) == (503, "buffer_full")
+
+
+async def test_sliced_bodies_take_turns_so_one_parse_is_held_at_a_time(tmp_path: Path) -> None:
+    """Interleaved, every connection's half-parsed body would be held at once: with 16 at a time the
+    transient memory (peak minus what the buffer keeps) would be ~2.4x one body's (the encoder's
+    scratch space, the same either way, is most of one body's)."""
+    bodies = [large_body(700, canonical=False) for _ in range(17)]
+
+    async def transient(ingests: list[bytes]) -> int:
+        service = make_service(tmp_path / str(len(ingests)), max_records=20_000, max_bytes=1 << 24)
+        tracemalloc.start()
+        try:
+            await asyncio.gather(*(service.ingest(body, "json") for body in ingests))
+            current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert service.buffer.records == 700 * len(ingests)
+        return peak - current
+
+    one = await transient(bodies[:1])
+    sixteen = await transient(bodies[1:])
+    assert sixteen < 1.5 * one, (one, sixteen)
 
 
 def test_encoded_records_hold_no_oversized_allocation() -> None:
