@@ -48,7 +48,12 @@ class BufferManager:
         self.bytes = 0
         self.closed = False
         self._clock = clock
-        self._queue: deque[bytes] = deque()
+        # The records waiting, as the lists they were put (or requeued) in, oldest first: the
+        # writer's batches are cut from them with a list copy per list rather than a Python step
+        # per record. `_head` records of the first one are taken already.
+        self._queue: deque[list[bytes]] = deque()
+        self._head = 0
+        self._queued = 0
         # (position after the request's last record, arrival time), oldest first, for the
         # records still queued: the head's time is when the oldest waiting record arrived.
         self._arrivals: deque[tuple[int, float]] = deque()
@@ -67,7 +72,7 @@ class BufferManager:
     @property
     def queued(self) -> int:
         """Records waiting for the writer (not yet taken)."""
-        return len(self._queue)
+        return self._queued
 
     def above(self, percent: int) -> bool:
         """Whether records or bytes held reach `percent` of their bound (100: full)."""
@@ -75,15 +80,18 @@ class BufferManager:
 
     def put(self, records: list[bytes], nbytes: int, want_ack: bool = False,
             key: KeyEntry | None = None, span: RequestSpan | None = None) -> asyncio.Future[None] | None:
-        """Queue `records` (whose lengths sum to `nbytes`) or raise BufferFull/BufferClosed. `key`
+        """Queue `records` (whose lengths sum to `nbytes`; the list is kept, not copied: do not change
+        it) or raise BufferFull/BufferClosed. `key`
         travels to the writer with the batch that holds the request's last record; `span` (lowest
         ts, highest ts, node ids) with every batch that holds any of its records."""
         if self.closed:
             raise BufferClosed
         if self.records + len(records) > self.max_records or self.bytes + nbytes > self.max_bytes:
             raise BufferFull
-        was_empty = not self._queue
-        self._queue.extend(records)
+        was_empty = not self._queued
+        if records:
+            self._queue.append(records)
+            self._queued += len(records)
         self.records += len(records)
         self.bytes += nbytes
         if span is not None:
@@ -96,7 +104,7 @@ class BufferManager:
         if want_ack:
             ack = asyncio.get_running_loop().create_future()
             self._acks.append((self._enqueued, ack))
-        if was_empty or len(self._queue) >= self._batch_size:
+        if was_empty or self._queued >= self._batch_size:
             self._wakeup.set()
         return ack
 
@@ -106,13 +114,13 @@ class BufferManager:
         `max_batches` - 1 further full batches already waiting. [] means closed and empty."""
         self._batch_size = batch_size
         while True:
-            if not self._queue:
+            if not self._queued:
                 if self.closed:
                     return []
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) < batch_size and not self.closed:
+            if self._queued < batch_size and not self.closed:
                 remaining = self._arrivals[0][1] + linger_s - self._clock()
                 if remaining > 0:
                     self._wakeup.clear()
@@ -122,20 +130,35 @@ class BufferManager:
             batches = [self._take(batch_size)]
             # A backlog: hand over further full batches in the same call, so the writer's
             # per-call costs (thread hand-off, write, fsync) are shared by more records.
-            while len(batches) < max_batches and len(self._queue) >= batch_size:
+            while len(batches) < max_batches and self._queued >= batch_size:
                 batches.append(self._take(batch_size))
             return batches
 
     def _take(self, batch_size: int) -> list[bytes]:
-        queue = self._queue
-        n = min(batch_size, len(queue))
+        n = min(batch_size, self._queued)
         if self.whole_requests:
             target = self._taken + n
             for end, _ in self._arrivals:
                 if end >= target:
                     n = end - self._taken
                     break
-        batch = [queue.popleft() for _ in range(n)]
+        queue = self._queue
+        if self._head == 0 and len(queue[0]) == n:
+            batch = queue.popleft()  # one whole put: no copy (nothing changes a list once queued)
+        else:
+            batch = []
+            need = n
+            while need:
+                chunk, start = queue[0], self._head
+                if len(chunk) - start > need:
+                    batch += chunk[start:start + need]
+                    self._head += need
+                    break
+                batch += chunk[start:] if start else chunk
+                need -= len(chunk) - start
+                queue.popleft()
+                self._head = 0
+        self._queued -= n
         self._taken += n
         arrivals = self._arrivals
         # A request split across batches keeps its entry: its rest still counts from its arrival.
@@ -178,7 +201,12 @@ class BufferManager:
 
     def requeue(self, batch: list[bytes]) -> None:
         """Give back a batch the writer could not store, at the front, to be retried."""
-        self._queue.extendleft(reversed(batch))
+        queue = self._queue
+        if self._head:  # the first list is partly taken: keep only its rest before the batch
+            queue[0] = queue[0][self._head:]
+            self._head = 0
+        queue.appendleft(batch)
+        self._queued += len(batch)
         self._taken -= len(batch)
         # These records have waited long enough already: flush them again without lingering.
         self._arrivals.appendleft((self._taken + len(batch), float("-inf")))

@@ -182,3 +182,20 @@ async def test_keys_travel_with_the_batch_holding_their_requests_last_record() -
     assert buf.keys_of(again) == [[key(0), key(1), key(2)]]
     buf.stored(again[0])
     assert buf.keys_of([]) == [] and not buf._keys  # stored: nothing left to carry
+
+
+async def test_batches_cut_across_puts_and_requeues_keep_record_order() -> None:
+    """Records are queued as the lists they were put in; batches cut through and across them, and a
+    requeue while the first list is partly taken goes back in front of its rest."""
+    buf = BufferManager(100, 10**6, clock=FrozenClock())
+    records = [b"%02d" % i for i in range(12)]
+    for piece in (records[0:3], records[3:8], records[8:10]):
+        buf.put(piece, 2 * len(piece))
+    first = await one_batch(buf, 4, 60)  # 3 + 1 of the second put
+    assert first == records[0:4]
+    buf.requeue(first)
+    assert buf.queued == 10
+    assert await buf.next_batches(3, 60, 3) == [records[0:3], records[3:6], records[6:9]]
+    buf.put(records[10:12], 4)
+    assert await one_batch(buf, 3, 60) == records[9:12]
+    assert buf.queued == 0 and buf.records == 12

@@ -143,7 +143,7 @@ async def test_a_canonical_large_body_is_taken_whole_with_the_same_plaintexts(tm
     assert len(body) <= WHOLE_PASS_BODY_BYTES and encode_body(body, "json", NOW) is not None
     service = make_service(tmp_path, max_records=5000)
     assert await service.ingest(body, "json") == 1000
-    assert list(service.buffer._queue) == encode_records(parse_body(body, "json"), NOW)[0]
+    assert await service.buffer.next_batches(5000, 0.0, 1) == [encode_records(parse_body(body, "json"), NOW)[0]]
 
 
 async def test_a_sliced_body_that_waited_its_turn_is_refused_unparsed_when_the_buffer_filled(tmp_path: Path) -> None:
