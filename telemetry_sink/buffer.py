@@ -81,9 +81,9 @@ class BufferManager:
     def put(self, records: list[bytes], nbytes: int, want_ack: bool = False,
             key: KeyEntry | None = None, span: RequestSpan | None = None) -> asyncio.Future[None] | None:
         """Queue `records` (whose lengths sum to `nbytes`; the list is kept, not copied: do not change
-        it) or raise BufferFull/BufferClosed. `key`
-        travels to the writer with the batch that holds the request's last record; `span` (lowest
-        ts, highest ts, node ids) with every batch that holds any of its records."""
+        it) or raise BufferFull/BufferClosed. `key` travels to the writer with the batch that holds
+        the request's last record; `span` (lowest ts, highest ts, node ids) with every batch that
+        holds any of its records."""
         if self.closed:
             raise BufferClosed
         if self.records + len(records) > self.max_records or self.bytes + nbytes > self.max_bytes:
